@@ -1,0 +1,51 @@
+"""Fixes that let RecBole 1.2.1 run on the dependency set pinned in setup.cfg.
+
+RecBole 1.2.1 was released for NumPy 1.x. Two of its code paths that this package
+uses break on NumPy 2:
+
+* ``Config.compatibility_settings`` re-creates the removed aliases ``np.float`` ... from
+  ``np.float_`` ..., which NumPy 2 removed as well, so building any ``Config`` raises.
+* ``recbole.evaluator.metrics`` (``NDCG``, ``MAP``, ``MRR``...) still calls ``np.float``
+  and ``np.bool``.
+
+And one that costs time on any version: importing ``recbole.model.sequential_recommender``
+(which ``recbole.utils.get_model`` does) runs ``torch.autograd.set_detect_anomaly(True)``
+from ``sine.py``, slowing every backward pass of every model. :func:`apply` imports that
+package once and switches anomaly detection back off.
+
+:func:`apply` restores the aliases with their NumPy-2 meanings (exactly what RecBole
+intends) and replaces ``compatibility_settings`` by a no-op. It is idempotent and is run
+by ``import recbole_eisam``.
+"""
+
+import numpy as np
+
+_NUMPY_ALIASES = {
+    "bool": np.bool_,
+    "int": np.int64,
+    "float": np.float64,
+    "complex": np.complex128,
+    "object": np.object_,
+    "str": np.str_,
+    "long": np.int64,
+    "unicode": np.str_,
+}
+
+
+def _compatibility_settings(self):  # replaces Config.compatibility_settings
+    """NumPy aliases are restored once by :func:`recbole_eisam.compat.apply`."""
+
+
+def apply():
+    """Install the NumPy aliases and the safe ``Config.compatibility_settings``."""
+    for name, value in _NUMPY_ALIASES.items():
+        if name not in np.__dict__:
+            setattr(np, name, value)
+    from recbole.config import Config
+
+    Config.compatibility_settings = _compatibility_settings
+
+    import recbole.model.sequential_recommender  # noqa: F401  (its sine.py turns anomaly mode on)
+    import torch
+
+    torch.autograd.set_detect_anomaly(False)

@@ -1,0 +1,51 @@
+"""A RecBole ``Collector`` that also keeps the ground-truth item of every evaluation row.
+
+RecBole's collector stores, per row, only a 0/1 hit vector (``rec.topk``) and the
+recommended ids (``rec.items``), so a metric cannot tell whether the row's target is a
+head or a tail item. :class:`TailCollector` adds the resource ``rec.gt_items`` (one
+internal item id per row) and fixes ``get_data_struct`` of RecBole 1.2.1, which calls
+``.cpu()`` on non-tensor resources (``data.num_items``, ``data.count_items``) and so
+crashes whenever ``ItemCoverage``, ``GiniIndex`` or ``AveragePopularity`` is requested.
+
+``recbole_eisam.registry`` installs it as the collector of RecBole's trainers.
+"""
+
+import copy
+
+import torch
+from recbole.evaluator.collector import Collector
+
+GT_ITEMS = "rec.gt_items"
+
+
+class TailCollector(Collector):
+    """RecBole's collector plus the per-row ground-truth item (next-item evaluation)."""
+
+    #: per-batch resources, reset after every evaluation
+    batch_keys = ("rec.topk", "rec.meanrank", "rec.score", "rec.items", "data.label", GT_ITEMS)
+
+    def eval_batch_collect(self, scores_tensor, interaction, positive_u, positive_i):
+        super().eval_batch_collect(scores_tensor, interaction, positive_u, positive_i)
+        if self.register.need(GT_ITEMS):
+            n_rows = scores_tensor.shape[0]
+            per_row = torch.bincount(positive_u.to(torch.long).cpu(), minlength=n_rows)
+            if not bool((per_row == 1).all()):
+                raise ValueError(
+                    "Head/Tail metrics need exactly one ground-truth item per evaluation row "
+                    "(next-item evaluation, e.g. eval_args.split LS for sequential models); "
+                    f"found rows with {int(per_row.min())} to {int(per_row.max())} positives."
+                )
+            gt = torch.empty(n_rows, dtype=torch.long)
+            gt[positive_u.to(torch.long).cpu()] = positive_i.to(torch.long).cpu()
+            self.data_struct.update_tensor(GT_ITEMS, gt)
+
+    def get_data_struct(self):
+        data = self.data_struct._data_dict
+        for key, value in data.items():
+            if isinstance(value, torch.Tensor):
+                data[key] = value.cpu()
+        returned_struct = copy.deepcopy(self.data_struct)
+        for key in self.batch_keys:
+            if key in self.data_struct:
+                del self.data_struct[key]
+        return returned_struct

@@ -1,0 +1,241 @@
+"""Train and evaluate any RecBole model (and ``LLMRec``) with the EISAM trainer family.
+
+``recbole.quick_start`` imports ray at module level, which breaks with NumPy 2 and recent
+setuptools, so this module rebuilds the same pipeline from ``recbole.config``,
+``recbole.data`` and ``recbole.trainer``: Config -> dataset -> dataloaders -> model ->
+trainer -> fit with early stopping on ``valid_metric`` -> evaluation of the best model on
+the test split.
+
+Configuration is layered, later layers overriding earlier ones:
+RecBole's internal defaults, ``properties/overall.yaml``, ``properties/eisam.yaml``,
+``properties/model/<model>.yaml``, ``properties/dataset/<dataset>.yaml``, the user's YAML
+files, then ``config_dict`` (the command line's ``--key=value`` pairs end up there).
+"""
+
+import contextlib
+import csv
+import json
+import math
+import os
+import sys
+from logging import getLogger
+
+import torch
+from recbole.config import Config
+from recbole.data import create_dataset, data_preparation
+from recbole.data.dataloader import FullSortEvalDataLoader
+from recbole.trainer import Trainer
+from recbole.utils import get_model, get_trainer, init_logger, init_seed
+
+import recbole_eisam  # noqa: F401  (registers the plugin)
+from recbole_eisam.errors import DatasetNotFoundError, EISAMError
+from recbole_eisam.trainer import EISAMTrainer
+
+PROPERTIES_DIR = os.environ.get(
+    "RECBOLE_EISAM_PROPERTIES",
+    os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "properties"),
+)
+
+
+def default_config_files(model, dataset):
+    """The package's YAML layers that exist for ``model`` and ``dataset``, in load order."""
+    candidates = [
+        os.path.join(PROPERTIES_DIR, "overall.yaml"),
+        os.path.join(PROPERTIES_DIR, "eisam.yaml"),
+        os.path.join(PROPERTIES_DIR, "model", f"{model}.yaml"),
+        os.path.join(PROPERTIES_DIR, "dataset", f"{dataset}.yaml"),
+    ]
+    return [path for path in candidates if os.path.isfile(path)]
+
+
+@contextlib.contextmanager
+def _without_command_line():
+    """RecBole's Config parses ``sys.argv`` itself; our callers pass overrides explicitly."""
+    argv = sys.argv
+    sys.argv = argv[:1]
+    try:
+        yield
+    finally:
+        sys.argv = argv
+
+
+def load_config(model, dataset, config_file_list=None, config_dict=None):
+    """Build RecBole's ``Config`` with the package's YAML defaults underneath the user's."""
+    for path in config_file_list or []:
+        if not os.path.isfile(path):
+            raise EISAMError(f"Config file '{path}' given in config_files does not exist.")
+    files = default_config_files(model, dataset) + list(config_file_list or [])
+    with _without_command_line():
+        try:
+            return Config(model=model, dataset=dataset, config_file_list=files, config_dict=config_dict)
+        except ValueError as err:
+            if "is not the name of an existing model" in str(err):
+                raise EISAMError(
+                    f"Model '{model}' is neither a RecBole model nor one of recbole_eisam's (LLMRec)."
+                ) from None
+            raise
+
+
+def _atomic_files_present(config):
+    path, name = config["data_path"], config["dataset"]
+    if config["benchmark_filename"]:
+        return all(
+            os.path.isfile(os.path.join(path, f"{name}.{part}.inter"))
+            for part in config["benchmark_filename"]
+        )
+    return os.path.isfile(os.path.join(path, f"{name}.inter"))
+
+
+def build_dataset(config):
+    """``create_dataset`` with one clear sentence when the atomic files are missing.
+
+    When ``<data_path>/<dataset>/<dataset>.inter`` is absent RecBole tries its own
+    downloader (it knows ml-1m, steam-merged, amazon-digital-music-18 ...); offline, or for
+    an unknown name, that fails and the user is told where to put the files.
+    """
+    present = _atomic_files_present(config)
+    try:
+        return create_dataset(config)
+    except (Exception, SystemExit) as err:  # RecBole's downloader exits or raises URLError
+        if present:
+            raise
+        reason = str(err).strip() or type(err).__name__
+        raise DatasetNotFoundError(
+            f"Dataset '{config['dataset']}' was not found: put its RecBole atomic files "
+            f"({config['dataset']}.inter and optionally .item/.user) in "
+            f"'{os.path.abspath(config['data_path'])}' or set --data_path to their parent folder "
+            f"(RecBole downloads known datasets there itself when the machine is online; "
+            f"the download failed: {reason})."
+        ) from None
+
+
+def trainer_class(config):
+    """RecBole's trainer for the model, with the plain ``Trainer`` replaced by ``EISAMTrainer``.
+
+    ``EISAMTrainer`` with ``train_method: erm`` trains exactly like RecBole's ``Trainer``;
+    models with a dedicated trainer (knowledge-aware, traditional...) keep it and support
+    ``erm`` only.
+    """
+    cls = get_trainer(config["MODEL_TYPE"], config["model"])
+    if cls is Trainer:
+        cls = EISAMTrainer
+    method = config["train_method"] or "erm"
+    if method != "erm" and not issubclass(cls, EISAMTrainer):
+        raise EISAMError(
+            f"train_method '{method}' needs EISAMTrainer, but model '{config['model']}' uses "
+            f"RecBole's {cls.__name__}; use train_method=erm for this model."
+        )
+    return cls
+
+
+def _json_number(value):
+    value = float(value)
+    return None if math.isnan(value) else value
+
+
+def write_topk(trainer, eval_data, path, k=None):
+    """Write the top-``k`` recommendations of every evaluation row as TSV.
+
+    Columns: ``user_id``, ``target_item_id``, ``topk_item_ids`` (space-separated, best
+    first), all as the dataset's original tokens. The ranking is the one the evaluator
+    scores (history items and padding masked in full ranking, sampled candidates only in
+    sampled mode), so every top-K metric can be recomputed from the file.
+    """
+    config = trainer.config
+    dataset = eval_data._dataset
+    uid_field, iid_field = config["USER_ID_FIELD"], config["ITEM_ID_FIELD"]
+    k = k or max(config["topk"])
+    full = isinstance(eval_data, FullSortEvalDataLoader)
+    if full and trainer.item_tensor is None:
+        trainer.item_tensor = dataset.get_item_feature().to(trainer.device)
+    trainer.tot_item_num = dataset.item_num
+    trainer.model.eval()
+    rows = []
+    with torch.no_grad():
+        for batched_data in eval_data:
+            if full:
+                interaction, scores, positive_u, positive_i = trainer._full_sort_batch_eval(batched_data)
+                users = interaction[uid_field].cpu()
+            else:
+                interaction, scores, positive_u, positive_i = trainer._neg_sample_batch_eval(batched_data)
+                users = torch.zeros(scores.shape[0], dtype=torch.long)
+                users[batched_data[1].cpu()] = interaction[uid_field].cpu()
+            topk = torch.topk(scores, k, dim=-1).indices.cpu()
+            targets = torch.zeros(scores.shape[0], dtype=torch.long)
+            targets[positive_u.cpu()] = positive_i.cpu()
+            user_tokens = dataset.id2token(uid_field, users.numpy())
+            target_tokens = dataset.id2token(iid_field, targets.numpy())
+            for row in range(scores.shape[0]):
+                items = dataset.id2token(iid_field, topk[row].numpy())
+                rows.append((user_tokens[row], target_tokens[row], " ".join(map(str, items))))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f, delimiter="\t", lineterminator="\n")
+        writer.writerow(["user_id", "target_item_id", "topk_item_ids"])
+        writer.writerows(rows)
+    return len(rows)
+
+
+def run(
+    model,
+    dataset,
+    config_file_list=None,
+    config_dict=None,
+    saved=True,
+    result_file=None,
+    save_topk=None,
+):
+    """Train ``model`` on ``dataset``, pick the best epoch on validation, evaluate it on test.
+
+    Args:
+        model (str): a RecBole model name (``SASRec``, ``GRU4Rec``, ``Pop``...) or ``LLMRec``.
+        dataset (str): a RecBole dataset name (``ml-100k`` works offline).
+        config_file_list (list[str], optional): user YAML files, loaded after the defaults.
+        config_dict (dict, optional): overrides of any key, applied last.
+        saved (bool): write the best checkpoint and reload it for the test evaluation.
+        result_file (str, optional): also write the returned dict there as JSON.
+        save_topk (str, optional): write the test split's top-K lists there as TSV.
+
+    Returns:
+        dict: ``{"best_valid_result": {...}, "test_result": {...}, "best_valid_score": float,
+        "config": {...}}``, metrics keyed by RecBole's names (``ndcg@10``, ``tailndcg@10``...).
+    """
+    config = load_config(model, dataset, config_file_list, config_dict)
+    init_seed(config["seed"], config["reproducibility"])
+    init_logger(config)
+    logger = getLogger()
+    logger.info(config)
+
+    data = build_dataset(config)
+    logger.info(data)
+    train_data, valid_data, test_data = data_preparation(config, data)
+
+    init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
+    recommender = get_model(config["model"])(config, train_data._dataset).to(config["device"])
+    logger.info(recommender)
+    trainer = trainer_class(config)(config, recommender)
+
+    best_valid_score, best_valid_result = trainer.fit(
+        train_data, valid_data, saved=saved, show_progress=config["show_progress"]
+    )
+    test_result = trainer.evaluate(
+        test_data, load_best_model=saved, show_progress=config["show_progress"]
+    )
+    logger.info(f"best valid : {dict(best_valid_result)}")
+    logger.info(f"test result: {dict(test_result)}")
+
+    result = {
+        "model": config["model"],
+        "dataset": config["dataset"],
+        "train_method": config["train_method"] or "erm",
+        "best_valid_score": _json_number(best_valid_score),
+        "best_valid_result": {key: _json_number(v) for key, v in best_valid_result.items()},
+        "test_result": {key: _json_number(v) for key, v in test_result.items()},
+    }
+    if result_file:
+        os.makedirs(os.path.dirname(os.path.abspath(result_file)), exist_ok=True)
+        with open(result_file, "w") as f:
+            json.dump(result, f, indent=2)
+    if save_topk:
+        write_topk(trainer, test_data, save_topk)
+    return result

@@ -1,0 +1,57 @@
+"""The one place that touches RecBole's registries.
+
+After :func:`register` (run by ``import recbole_eisam``), plain RecBole calls find this
+package's parts:
+
+* ``recbole.utils.get_model("LLMRec")`` returns :class:`recbole_eisam.model.LLMRec`;
+* ``recbole.utils.get_trainer(ModelType.SEQUENTIAL, "LLMRec")`` returns
+  :class:`recbole_eisam.trainer.EISAMTrainer` (also reachable as ``recbole.trainer.EISAMTrainer``);
+* ``HeadHit``, ``TailHit``, ``HeadNDCG``, ``TailNDCG`` and ``TailCoverage`` are accepted in a
+  ``metrics:`` list like RecBole's own metrics;
+* RecBole's trainers collect evaluation data with :class:`TailCollector`.
+
+Registering twice is harmless: every step sets the same objects again.
+"""
+
+import sys
+
+_registered = False
+
+
+def register():
+    """Install the plugin into RecBole's registries (idempotent)."""
+    global _registered
+    from recbole_eisam import compat
+
+    compat.apply()
+
+    import recbole.evaluator.register as metric_register
+    import recbole.trainer
+    import recbole.trainer.trainer as trainer_module
+
+    from recbole_eisam.evaluator import TAIL_METRICS, TailCollector
+    from recbole_eisam.model import llmrec
+    from recbole_eisam.trainer import EISAMTrainer
+
+    # models: get_model() imports recbole.model.<family>.<name.lower()> and reads <name>
+    sys.modules["recbole.model.sequential_recommender.llmrec"] = llmrec
+
+    # trainers: get_trainer() looks up recbole.trainer.<Model>Trainer first
+    recbole.trainer.EISAMTrainer = EISAMTrainer
+    recbole.trainer.LLMRecTrainer = EISAMTrainer
+
+    # metrics: the evaluator and Config read these three dicts
+    for metric in TAIL_METRICS:
+        name = metric.__name__.lower()
+        metric_register.metrics_dict[name] = metric
+        metric_register.metric_information[name] = metric.metric_need
+        metric_register.metric_types[name] = metric.metric_type
+
+    # the collector every RecBole trainer builds in __init__
+    trainer_module.Collector = TailCollector
+    _registered = True
+
+
+def is_registered():
+    """Whether :func:`register` has run in this process."""
+    return _registered

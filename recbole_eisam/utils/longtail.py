@@ -1,0 +1,51 @@
+"""The one definition of item frequency and of the head / tail split.
+
+Every part of the package (metrics, weights, reports) asks these two functions, so the
+split is the same everywhere:
+
+* ``n_i`` is the number of training samples whose target is item ``i``, read from the
+  *training* dataset's ``item_counter`` (no valid/test leakage).
+* the head is the ``ceil(head_ratio * |I|)`` items with the largest ``n_i``, ``|I|`` the
+  number of real items (internal id 0, RecBole's padding, excluded), ties broken by the
+  smaller internal item id; the tail is every other real item, including items never
+  seen in training.
+"""
+
+import math
+
+import torch
+
+
+def item_counts(dataset, num_items=None):
+    """Training frequency of every item as a ``LongTensor`` indexed by internal item id.
+
+    Args:
+        dataset: the training split (a RecBole ``Dataset``); its ``item_counter`` is read.
+        num_items (int, optional): length of the result; defaults to ``dataset.item_num``.
+    """
+    num_items = dataset.item_num if num_items is None else num_items
+    counts = torch.zeros(num_items, dtype=torch.long)
+    for item, n in dataset.item_counter.items():
+        counts[int(item)] = int(n)
+    counts[0] = 0
+    return counts
+
+
+def head_item_mask(counts, head_ratio):
+    """Boolean mask over internal item ids, ``True`` for head items (padding id 0 is never head).
+
+    Args:
+        counts (torch.Tensor): training frequency per internal item id (see :func:`item_counts`).
+        head_ratio (float): share of real items that form the head, in ``(0, 1)``.
+    """
+    if not 0.0 < float(head_ratio) < 1.0:
+        raise ValueError(f"head_ratio must be in (0, 1), got {head_ratio}.")
+    counts = torch.as_tensor(counts).long().cpu()
+    num_real = counts.numel() - 1
+    num_head = math.ceil(float(head_ratio) * num_real)
+    ids = torch.arange(1, counts.numel())
+    # sort by count descending, then id ascending: a stable sort on -count keeps id order
+    order = torch.sort(-counts[1:], stable=True).indices
+    mask = torch.zeros(counts.numel(), dtype=torch.bool)
+    mask[ids[order[:num_head]]] = True
+    return mask

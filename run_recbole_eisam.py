@@ -1,0 +1,39 @@
+"""Train and evaluate a model with the EISAM trainer family.
+
+    python run_recbole_eisam.py --model=LLMRec --dataset=ml-100k --train_method=eisam
+    python run_recbole_eisam.py --model=SASRec --dataset=ml-100k --config_files="a.yaml b.yaml"
+
+Any RecBole or recbole_eisam key can be given as ``--key=value``. Extra options:
+``--result_file=PATH`` (results as JSON), ``--save_topk=PATH`` (test top-K lists as TSV),
+``--debug`` (tracebacks instead of one-line errors).
+"""
+
+import json
+import sys
+
+from recbole_eisam.cli import build_parser, main_guard, parse_overrides
+
+
+def main(argv):
+    parser = build_parser(__doc__.splitlines()[0])
+    parser.add_argument("--result_file", default=None, help="write the results as JSON to this path")
+    parser.add_argument("--save_topk", default=None, help="write the test top-K lists as TSV to this path")
+    args, extra = parser.parse_known_args(argv)
+    overrides = parse_overrides(extra)
+
+    from recbole_eisam.quick_start import run  # imported late: --help stays fast
+
+    result = run(
+        args.model,
+        args.dataset,
+        config_file_list=args.config_files.split() if args.config_files else None,
+        config_dict=overrides,
+        result_file=args.result_file,
+        save_topk=args.save_topk,
+    )
+    print(json.dumps({"best_valid_result": result["best_valid_result"], "test_result": result["test_result"]}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main_guard(main))
