@@ -1,0 +1,559 @@
+r"""EISAM: Efficient Item-wise Sharpness-Aware Minimization, as one RecBole trainer.
+
+The method (docs/EISAM.md). With per-sample losses :math:`l_j`, the weight
+:math:`w_j = w(n_{y_j})` of the target item's training frequency (mean 1 over training
+samples), :math:`L = \frac1M\sum_j l_j` and :math:`L_w = \frac1M\sum_j w_j l_j`::
+
+    min_theta  L(theta) + lambda * [ L_w(theta + e) - L_w(theta) ]
+    e = rho * grad L_w(theta) / ||grad L_w(theta)||                (held constant)
+    G = grad L(theta) - lambda * grad L_w(theta) + lambda * grad L_w(theta + e)
+
+``train_method`` picks a setting of this one update (no separate code paths):
+
+============  ==========================================================================
+erm           lambda = 0: one forward and one backward, plain training
+sam           w = 1 (uniform), lambda = 1: G = grad L(theta + e)           (Foret et al.)
+imbsam        w = tail indicator normalised, lambda = tail share of the training samples,
+              so lambda * w_j = 1 on tail items and 0 on head items:
+              G = grad L_head(theta) + grad L_tail(theta + e)               (Zhou et al.)
+eisam         w from ``eisam_weight`` (power | log | focal | tail | uniform), lambda =
+              ``eisam_lambda``
+reweight      ERM on the re-weighted loss (``reweight_beta``, default 1 for this method)
+logit_adjust  ERM on logit-adjusted training logits (``logit_adjust_tau``, default 1)
+============  ==========================================================================
+
+``reweight_beta > 0`` and ``logit_adjust_tau > 0`` change the per-sample loss itself,
+``l_j = r_{y_j} * CE(logits_j - tau * log pi, y_j)``, and apply with *any* train_method
+(e.g. ``eisam`` + ``logit_adjust_tau: 1``): L and L_w are both built from that loss.
+
+``eisam_scope`` says where e lives: ``all`` (every trainable parameter, :meth:`EISAMTrainer._eisam_step`)
+or ``head`` (only the parameters after the backbone, :meth:`EISAMTrainer._eisam_head_step`:
+one backbone forward and one backbone backward per step; the split of each model is in
+:mod:`recbole_eisam.trainer.losses`).
+
+Differences from the literal spec, on purpose:
+
+* ImbSAM: with weights normalised to mean 1, ``lambda = 1`` would scale the tail term by
+  ``1 / tail share``; the ``imbsam`` preset therefore sets lambda to the tail share, which
+  is ImbSAM exactly (a test checks it against ImbSAM's own formula).
+* A zero ``||grad L_w||`` (e.g. an ImbSAM batch without tail items) means ``L_w`` has zero
+  gradient, so ``e = 0`` and ``G = grad L`` exactly: the step is taken with G = grad L
+  (perturbed pass skipped, logged at debug level, counted per epoch). A non-finite norm
+  skips the optimizer step (warning).
+* The norm is computed in float32, or in float64 when the parameters are float64.
+"""
+
+import math
+import os
+from time import time
+
+import torch
+import torch.distributed as dist
+from recbole.trainer import Trainer
+from recbole.utils import set_color
+from torch.nn.utils.clip_grad import clip_grad_norm_
+from tqdm import tqdm
+
+from recbole_eisam.trainer import checkpoint as ckpt
+from recbole_eisam.trainer.losses import (
+    get_head_split,
+    get_logits_fn,
+    head_split_reason,
+    per_sample_losses,
+    unsupported_reason,
+)
+from recbole_eisam.trainer.weighting import (
+    WEIGHT_FAMILIES,
+    item_weights,
+    log_prior,
+    raw_item_weights,
+    reweight_weights,
+)
+from recbole_eisam.utils.longtail import item_counts
+
+TRAIN_METHODS = ("erm", "sam", "imbsam", "reweight", "logit_adjust", "eisam")
+
+DEFAULTS = {  # used when a key is absent from the config (properties/eisam.yaml has them all)
+    "train_method": "erm",
+    "eisam_rho": 0.05,
+    "eisam_lambda": 1.0,
+    "eisam_weight": "power",
+    "eisam_alpha": 0.5,
+    "eisam_c": 1.0,
+    "eisam_gamma": 1.0,
+    "eisam_scope": "all",
+    "reweight_beta": None,
+    "logit_adjust_tau": None,
+    "train_sample_num": 0,
+    "gradient_accumulation_steps": 1,
+    "amp_dtype": "bfloat16",
+    "head_ratio": 0.2,
+}
+
+
+def resolve_settings(config):
+    """Validate the keys and apply the train_method presets; returns a plain dict."""
+
+    def get(key):
+        value = config[key] if key in config else None
+        return DEFAULTS[key] if value is None else value
+
+    s = {key: get(key) for key in DEFAULTS}
+    method = s["train_method"] = str(s["train_method"]).lower()
+    if method not in TRAIN_METHODS:
+        raise ValueError(f"train_method must be one of {', '.join(TRAIN_METHODS)}, got {method!r}.")
+    s["eisam_weight"] = str(s["eisam_weight"]).lower()
+    if s["eisam_weight"] not in WEIGHT_FAMILIES:
+        raise ValueError(
+            f"eisam_weight must be one of {', '.join(WEIGHT_FAMILIES)}, got {s['eisam_weight']!r}."
+        )
+    for key in ("eisam_rho", "eisam_lambda", "eisam_alpha", "eisam_c", "eisam_gamma"):
+        s[key] = float(s[key])
+        if not math.isfinite(s[key]):
+            raise ValueError(f"{key} must be a finite number, got {s[key]}.")
+    if s["eisam_rho"] <= 0:
+        raise ValueError(f"eisam_rho must be > 0 (the perturbation radius), got {s['eisam_rho']}.")
+    if s["eisam_lambda"] < 0:
+        raise ValueError(f"eisam_lambda must be >= 0, got {s['eisam_lambda']}.")
+    s["eisam_scope"] = str(s["eisam_scope"]).lower()
+    if s["eisam_scope"] not in ("all", "head"):
+        raise ValueError(f"eisam_scope must be 'all' or 'head', got {s['eisam_scope']!r}.")
+    # re-weighting / logit adjustment: explicit values always apply, ~ means the method default
+    s["reweight_beta"] = float(1.0 if method == "reweight" else 0.0) if s["reweight_beta"] is None else float(s["reweight_beta"])
+    s["logit_adjust_tau"] = float(1.0 if method == "logit_adjust" else 0.0) if s["logit_adjust_tau"] is None else float(s["logit_adjust_tau"])
+    for key, name in (("reweight_beta", "reweight"), ("logit_adjust_tau", "logit_adjust")):
+        if not math.isfinite(s[key]) or s[key] < 0:
+            raise ValueError(f"{key} must be a finite number >= 0, got {s[key]}.")
+        if method == name and s[key] == 0:
+            raise ValueError(f"train_method={name} needs {key} > 0 (leave it ~ for the default 1).")
+    for key, low in (("train_sample_num", 0), ("gradient_accumulation_steps", 1)):
+        if int(s[key]) != s[key] or int(s[key]) < low:
+            raise ValueError(f"{key} must be an integer >= {low}, got {s[key]}.")
+        s[key] = int(s[key])
+    if str(s["amp_dtype"]) not in ("bfloat16", "float16"):
+        raise ValueError(f"amp_dtype must be bfloat16 or float16, got {s['amp_dtype']!r}.")
+    # presets: one update, different settings
+    if method in ("erm", "reweight", "logit_adjust"):
+        s["eisam_lambda"] = 0.0
+    elif method == "sam":
+        s["eisam_weight"], s["eisam_lambda"] = "uniform", 1.0
+    elif method == "imbsam":
+        s["eisam_weight"], s["eisam_lambda"] = "tail", None  # tail share, set from the data
+    s["per_sample"] = method != "erm" or s["reweight_beta"] > 0 or s["logit_adjust_tau"] > 0
+    return s
+
+
+class EISAMTrainer(Trainer):
+    r"""RecBole ``Trainer`` whose step is the EISAM update (ERM, SAM, ImbSAM, ... as settings).
+
+    Models give per-sample losses through ``calculate_logits`` or an adapter
+    (:mod:`recbole_eisam.trainer.losses`). With ``train_method: erm`` a model without them
+    is trained by RecBole's own ``_train_epoch``; any other method raises ``ValueError``.
+    Checkpoints are safetensors + JSON (:mod:`recbole_eisam.trainer.checkpoint`).
+    """
+
+    def __init__(self, config, model):
+        super().__init__(config, model)
+        self.saved_model_file = ckpt.paths(self.saved_model_file)[0]
+        self.settings = s = resolve_settings(config)
+        self.train_method, self.rho = s["train_method"], s["eisam_rho"]
+        self.eisam_lambda = s["eisam_lambda"]
+        self.tau, self.accumulation = s["logit_adjust_tau"], s["gradient_accumulation_steps"]
+        self.train_sample_num = s["train_sample_num"]
+        self.amp_dtype = getattr(torch, s["amp_dtype"])
+        self.logits_fn = get_logits_fn(self.model)
+        reason = unsupported_reason(self.model)
+        if s["per_sample"] and reason is not None:
+            raise ValueError(f"train_method={self.train_method} needs per-sample losses, but {reason}.")
+        # eisam_scope: head -> _eisam_head_step whenever there is a perturbation (lambda > 0)
+        self.head_split = None
+        if s["eisam_scope"] == "head" and self.logits_fn is not None:
+            split_reason = head_split_reason(self.model)
+            if split_reason is None:
+                self.head_split = get_head_split(self.model)
+            elif self.eisam_lambda is None or self.eisam_lambda > 0:
+                raise ValueError(f"eisam_scope=head needs a backbone/head split, but {split_reason}.")
+        if self.enable_scaler and s["train_method"] in ("sam", "imbsam", "eisam"):
+            raise ValueError(
+                f"train_method={self.train_method} does not support enable_scaler (fp16 GradScaler); "
+                "set enable_scaler: False and use enable_amp with amp_dtype: bfloat16."
+            )
+        if reason is not None and (self.accumulation > 1 or self.train_sample_num > 0):
+            self.logger.warning(
+                f"{reason}: trained by RecBole's plain loop, which ignores "
+                "gradient_accumulation_steps and train_sample_num."
+            )
+        self.item_weight = self.loss_weight = self.log_prior = self.item_count = None
+        self.epoch_stats = {}
+
+    # ------------------------------------------------------------------ weights from data
+    def setup_item_weights(self, train_dataset):
+        """Compute ``item_weight`` (and the re-weighting / logit-adjustment vectors) from the
+        training split's item counter; for ``imbsam`` also lambda = tail share."""
+        s = self.settings
+        counts = item_counts(train_dataset)
+        params = dict(alpha=s["eisam_alpha"], c=s["eisam_c"], gamma=s["eisam_gamma"], head_ratio=s["head_ratio"])
+        self.item_count = counts
+        self.item_weight = item_weights(counts, s["eisam_weight"], **params).to(self.device)
+        if s["train_method"] == "imbsam":  # lambda * w = raw 0/1 tail indicator
+            raw = raw_item_weights(counts, "tail", **params)
+            self.eisam_lambda = float((counts * raw).sum() / counts.sum())
+        beta = s["reweight_beta"]
+        self.loss_weight = reweight_weights(counts, beta).to(self.device) if beta > 0 else None
+        self.log_prior = log_prior(counts).to(self.device) if self.tau > 0 else None
+        return self.item_weight
+
+    def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
+        self.setup_item_weights(train_data.dataset)
+        if self.logits_fn is not None and verbose:
+            self.logger.info(
+                set_color("EISAM", "green") + f": train_method={self.train_method}, "
+                f"weight={self.settings['eisam_weight']}, lambda={self.eisam_lambda:.4g}, rho={self.rho}, "
+                f"reweight_beta={self.settings['reweight_beta']}, logit_adjust_tau={self.tau}"
+            )
+        return super().fit(train_data, valid_data, verbose, saved, show_progress, callback_fn)
+
+    # ------------------------------------------------------------------ the EISAM step
+    def _losses(self, interaction):
+        """Per-sample losses l_j, item weights w_j and the optional unweighted regulariser."""
+        with torch.autocast(device_type=self.device.type, dtype=self.amp_dtype, enabled=self.enable_amp):
+            out = self.logits_fn(interaction)
+            logits, target = out[0], out[1]
+            loss = per_sample_losses(logits, target, self.log_prior, self.tau)
+        if self.loss_weight is not None:
+            loss = loss * self.loss_weight[target].to(loss.dtype)
+        extra = out[2] if len(out) > 2 else None
+        return loss, self.item_weight[target].to(loss.dtype), extra
+
+    def _eisam_step(self, batches, scaler):
+        r"""One optimizer step on the micro-batches ``batches`` (M samples in all).
+
+        pass 1 at theta:   p.grad <- grad sum_j (1 - lambda w_j) l_j ;  g_w <- grad (1/M) sum_j w_j l_j
+        perturb:           e = rho * g_w / ||g_w||,  theta <- theta + e   (values of theta saved)
+        pass 2 at theta+e: p.grad += grad sum_j lambda w_j l_j(theta + e);  theta <- saved values
+        step:              G = p.grad / M = grad L - lambda grad L_w(theta) + lambda grad L_w(theta + e)
+        """
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        lam = self.eisam_lambda
+        perturb = lam > 0
+        self.optimizer.zero_grad(set_to_none=True)
+        g_w = [torch.zeros_like(p) for p in params] if perturb else None
+        m, loss_sum, lw_sum = 0, 0.0, 0.0  # sums of l_j (+ regulariser) and of w_j l_j, for the log
+        for interaction in batches:  # pass 1 at theta
+            loss, w, extra = self._losses(interaction)
+            m += loss.numel()
+            if perturb:
+                grads = torch.autograd.grad((w * loss).sum(), params, retain_graph=True, allow_unused=True)
+                for g, d in zip(g_w, grads):
+                    if d is not None:
+                        g.add_(d)
+            objective = ((1 - lam * w) * loss).sum()
+            if extra is not None:  # a regulariser of L: mean over samples => M_b * extra in the sum
+                objective = objective + loss.numel() * extra
+            scaler.scale(objective).backward()
+            lw_batch = (w * loss).detach().sum()
+            loss_sum, lw_sum = loss_sum + objective.detach() + lam * lw_batch, lw_sum + lw_batch
+        m = self._all_reduce([torch.tensor(float(m), device=self.device)])[0].item()
+        loss_sum, lw_sum = float(loss_sum), float(lw_sum)  # one host sync per step
+        self._check_nan(torch.tensor(loss_sum / m))
+        stats = {"loss": loss_sum / m, "lw": lw_sum / m, "samples": m}
+        if perturb:
+            g_w = [g.div_(m) for g in self._all_reduce(g_w)]
+            dtype = torch.float64 if params[0].dtype == torch.float64 else torch.float32
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.to(dtype)) for g in g_w]))
+            if not torch.isfinite(norm):
+                self.logger.warning(f"EISAM: ||grad L_w|| = {norm.item()} is not finite; step skipped.")
+                self.optimizer.zero_grad(set_to_none=True)
+                return dict(stats, skipped=1)
+            if norm > 0:
+                saved = [p.detach().clone() for p in params]
+                with torch.no_grad():
+                    for p, g in zip(params, g_w):
+                        p.add_(g.to(dtype) * (self.rho / norm))  # theta + e
+                lw_e_sum = 0.0
+                for interaction in batches:  # pass 2 at theta + e
+                    loss, w, _ = self._losses(interaction)
+                    scaler.scale(lam * (w * loss).sum()).backward()
+                    lw_e_sum = lw_e_sum + (w * loss).detach().sum()
+                with torch.no_grad():
+                    for p, value in zip(params, saved):
+                        p.copy_(value)  # exact restore, not theta + e - e
+                stats["sharpness"] = (float(lw_e_sum) - lw_sum) / m
+            else:
+                self.logger.debug("EISAM: ||grad L_w|| = 0, so e = 0 and G = grad L (perturbed pass skipped).")
+                stats["zero_norm"] = 1
+        grads = [p.grad for p in params if p.grad is not None]
+        for g in self._all_reduce(grads):
+            g.div_(m)
+        scaler.unscale_(self.optimizer)
+        if self.clip_grad_norm:
+            clip_grad_norm_(params, **self.clip_grad_norm)
+        scaler.step(self.optimizer)
+        scaler.update()
+        return stats
+
+    def _step(self, batches, scaler):
+        """One optimizer step, dispatched on ``eisam_scope`` (head: only when there is a perturbation)."""
+        if self.head_split is not None and self.eisam_lambda > 0:
+            return self._eisam_head_step(batches, scaler)
+        return self._eisam_step(batches, scaler)
+
+    def _head_losses(self, hidden, target, head_tensors=None):
+        """l_j and w_j from the head alone: ``score(hidden)``, or ``score`` evaluated with the head
+        tensors ``head_tensors`` (name -> tensor) in place of the parameters, functionally."""
+        split = self.head_split
+        with torch.autocast(device_type=self.device.type, dtype=self.amp_dtype, enabled=self.enable_amp):
+            if head_tensors is None:
+                logits = split.score(hidden)
+            else:
+                logits = split.score_with(hidden, head_tensors)
+            loss = per_sample_losses(logits, target, self.log_prior, self.tau)
+        if self.loss_weight is not None:
+            loss = loss * self.loss_weight[target].to(loss.dtype)
+        return loss, self.item_weight[target].to(loss.dtype)
+
+    def _eisam_head_step(self, batches, scaler):
+        r"""One optimizer step with e restricted to the head (``eisam_scope: head``).
+
+        The backbone output does not depend on the head, so for e on the head tensors only
+        the update is the gradient of one scalar, e held constant (docs/EISAM.md, "Where the
+        perturbation lives")::
+
+            C = (1/M) sum_j [ (1 - lambda w_j) l_j(head) + lambda w_j l_j(head + e) ]
+
+        pass 1:  hidden = encode(batch) (backbone graph kept), h = hidden.detach() (a leaf);
+                 l_j = CE(score(h)) with the main step's pipeline (logit adjustment,
+                 re-weighting, w_j; a regulariser goes into L only);
+                 g_w += grad_head sum_j w_j l_j                     (head-only backward)
+        perturb: e = rho g_w / ||g_w||, the norm over the head tensors only (fp32, or fp64)
+        pass 2:  l^e_j = CE(score_{head + e}(h)): the head tensors p + e are new tensors
+                 (``torch.func.functional_call``), nothing is changed in place;
+                 backward of M*C -> h.grad and the head's .grad; then hidden.backward(h.grad):
+                 the ONE backbone backward of the step
+        step:    G = p.grad / M, clipping and the optimizer step as in :meth:`_eisam_step`.
+
+        Costs one backbone forward and one backbone backward (as ERM) plus three head
+        passes. Gradient accumulation: e comes from the whole accumulated batch, so pass 1
+        keeps every micro-batch's hidden with its backbone graph alive until pass 2
+        (activation memory grows with the number of micro-batches, as one large batch would;
+        recomputing the backbone instead would cost the forward this scope saves).
+        Tied item embeddings (RecBole's models): e perturbs the output use only, see
+        :mod:`recbole_eisam.trainer.losses`. A zero ||g_w|| gives e = 0, l^e_j = l_j and the
+        step G = grad L exactly; a non-finite one skips the step, as in :meth:`_eisam_step`.
+        """
+        split = self.head_split
+        named = dict(self.model.named_parameters())
+        head = [named[name] for name in split.head_names]
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        lam = self.eisam_lambda
+        self.optimizer.zero_grad(set_to_none=True)
+        g_w = [torch.zeros_like(p) for p in head]
+        kept = []  # per micro-batch: hidden (with its backbone graph), h, target, l_j, w_j, extra
+        m, loss_sum, lw_sum = 0, 0.0, 0.0
+        for interaction in batches:  # pass 1 at theta: backbone forward once, head-only g_w
+            with torch.autocast(device_type=self.device.type, dtype=self.amp_dtype, enabled=self.enable_amp):
+                hidden, target, extra = split.encode(interaction)
+            h = hidden.detach().requires_grad_(hidden.requires_grad)
+            loss, w = self._head_losses(h, target)
+            grads = torch.autograd.grad((w * loss).sum(), head, retain_graph=True, allow_unused=True)
+            for g, d in zip(g_w, grads):
+                if d is not None:
+                    g.add_(d)
+            kept.append((hidden, h, target, loss, w, extra))
+            m += loss.numel()
+            lw_batch = (w * loss).detach().sum()
+            loss_batch = loss.detach().sum() + (0.0 if extra is None else loss.numel() * extra.detach())
+            loss_sum, lw_sum = loss_sum + loss_batch, lw_sum + lw_batch
+        m = self._all_reduce([torch.tensor(float(m), device=self.device)])[0].item()
+        loss_sum, lw_sum = float(loss_sum), float(lw_sum)
+        self._check_nan(torch.tensor(loss_sum / m))
+        stats = {"loss": loss_sum / m, "lw": lw_sum / m, "samples": m}
+        g_w = [g.div_(m) for g in self._all_reduce(g_w)]
+        dtype = torch.float64 if head[0].dtype == torch.float64 else torch.float32
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.to(dtype)) for g in g_w]))
+        if not torch.isfinite(norm):
+            self.logger.warning(f"EISAM: ||grad_head L_w|| = {norm.item()} is not finite; step skipped.")
+            self.optimizer.zero_grad(set_to_none=True)
+            return dict(stats, skipped=1)
+        perturbed = None  # the head tensors p + e (e detached): new tensors, p untouched
+        if norm > 0:
+            perturbed = {
+                name: p + (g.to(dtype) * (self.rho / norm)).to(p.dtype)
+                for name, p, g in zip(split.head_names, head, g_w)
+            }
+        else:
+            self.logger.debug("EISAM: ||grad_head L_w|| = 0, so e = 0 and G = grad L.")
+            stats["zero_norm"] = 1
+        lw_e_sum = 0.0
+        for hidden, h, target, loss, w, extra in kept:  # pass 2: head at theta + e, one backbone backward
+            loss_e = loss if perturbed is None else self._head_losses(h, target, perturbed)[0]
+            objective = ((1 - lam * w) * loss).sum() + lam * (w * loss_e).sum()
+            if extra is not None:
+                objective = objective + loss.numel() * extra
+            scaler.scale(objective).backward()  # h.grad, the head's .grad (and the regulariser's)
+            if h.grad is not None:
+                hidden.backward(h.grad)  # the backbone, once
+            lw_e_sum = lw_e_sum + (w * loss_e).detach().sum()
+        kept.clear()
+        if perturbed is not None:
+            stats["sharpness"] = (float(lw_e_sum) - lw_sum) / m
+        grads = [p.grad for p in params if p.grad is not None]
+        for g in self._all_reduce(grads):
+            g.div_(m)
+        scaler.unscale_(self.optimizer)
+        if self.clip_grad_norm:
+            clip_grad_norm_(params, **self.clip_grad_norm)
+        scaler.step(self.optimizer)
+        scaler.update()
+        return stats
+
+    def _all_reduce(self, tensors):
+        """Sum ``tensors`` in place over processes (DDP): e and G then use the global batch."""
+        if self.config["single_spec"] or not tensors:
+            return tensors
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        dist.all_reduce(flat)
+        offset = 0
+        for t in tensors:
+            t.copy_(flat[offset : offset + t.numel()].view_as(t))
+            offset += t.numel()
+        return tensors
+
+    # ------------------------------------------------------------------ the epoch
+    def _epoch_batches(self, train_data, epoch_idx):
+        """The epoch's batches: all of ``train_data``, or a fresh sample of train_sample_num sequences."""
+        size = train_data.sample_size
+        n = self.train_sample_num
+        if n <= 0 or n >= size:
+            return train_data, len(train_data)
+        generator = torch.Generator().manual_seed(int(self.config["seed"] or 0) * 1000003 + epoch_idx)
+        index = torch.randperm(size, generator=generator)[:n]
+        if not self.config["single_spec"]:
+            index = index[self.config["local_rank"] :: self.config["world_size"]]
+        step = train_data.step
+        chunks = [index[i : i + step].tolist() for i in range(0, len(index), step)]
+        return (train_data.collate_fn(chunk) for chunk in chunks), len(chunks)
+
+    def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
+        if self.logits_fn is None or loss_func is not None:  # plain ERM: RecBole's own loop
+            return super()._train_epoch(train_data, epoch_idx, loss_func, show_progress)
+        if self.item_weight is None:
+            self.setup_item_weights(train_data.dataset)
+        self.model.train()
+        if not self.config["single_spec"] and train_data.shuffle:
+            train_data.sampler.set_epoch(epoch_idx)
+        batches, total = self._epoch_batches(train_data, epoch_idx)
+        if show_progress:
+            batches = tqdm(batches, total=total, ncols=100, desc=set_color(f"Train {epoch_idx:>5}", "pink"))
+        scaler = torch.amp.GradScaler("cuda", enabled=self.enable_scaler)
+        totals = {"loss": 0.0, "lw": 0.0, "sharpness": 0.0, "samples": 0, "skipped": 0, "zero_norm": 0}
+        steps, perturbed, group = 0, 0, []
+        start = time()
+        for interaction in batches:
+            group.append(interaction.to(self.device))
+            if len(group) < self.accumulation:
+                continue
+            stats = self._step(group, scaler)
+            group, steps, perturbed = [], steps + 1, perturbed + ("sharpness" in stats)
+            for key, value in stats.items():
+                totals[key] += value
+        if group:
+            stats = self._step(group, scaler)
+            steps, perturbed = steps + 1, perturbed + ("sharpness" in stats)
+            for key, value in stats.items():
+                totals[key] += value
+        self.epoch_stats = {
+            "train_loss": totals["loss"],
+            "mean_L_w": totals["lw"] / max(steps, 1),
+            "mean_sharpness": totals["sharpness"] / max(perturbed, 1),
+            "samples": int(totals["samples"]),
+            "steps": steps,
+            "skipped_steps": totals["skipped"],
+            "zero_norm_steps": totals["zero_norm"],
+            "time": time() - start,
+        }
+        self._log_epoch_stats(epoch_idx)
+        return totals["loss"]
+
+    def _log_epoch_stats(self, epoch_idx):
+        st = self.epoch_stats
+        message = (
+            set_color(f"epoch {epoch_idx} {self.train_method}", "green")
+            + f" [samples: {st['samples']}, steps: {st['steps']}, mean L_w: {st['mean_L_w']:.4f}"
+        )
+        if self.eisam_lambda > 0:
+            message += (
+                f", mean sharpness L_w(theta+e)-L_w(theta): {st['mean_sharpness']:.6f}"
+                f", zero-norm steps: {st['zero_norm_steps']}, skipped steps: {st['skipped_steps']}"
+            )
+        self.logger.info(message + "]")
+        self._add_train_loss_to_tensorboard(epoch_idx, st["mean_L_w"], tag="Loss/Train_L_w")
+        if self.eisam_lambda > 0:
+            self._add_train_loss_to_tensorboard(epoch_idx, st["mean_sharpness"], tag="Loss/Train_sharpness")
+
+    # ------------------------------------------------------------------ checkpoints
+    def _checkpoint_tensors(self):
+        model = self.model
+        if hasattr(model, "checkpoint_state_dict"):
+            tensors = dict(model.checkpoint_state_dict())
+        else:
+            tensors = dict(model.state_dict())
+        other, other_json = model.other_parameter() or {}, {}
+        for key, value in other.items():
+            if torch.is_tensor(value):
+                tensors[f"__other__.{key}"] = value
+            else:
+                other_json[key] = value
+        return tensors, other_json
+
+    def _save_checkpoint(self, epoch, verbose=True, **kwargs):
+        if not self.config["single_spec"] and self.config["local_rank"] != 0:
+            return
+        saved_model_file = kwargs.pop("saved_model_file", self.saved_model_file)
+        tensors, other_json = self._checkpoint_tensors()
+        meta = {
+            "model": self.config["model"],
+            "dataset": self.config["dataset"],
+            "epoch": epoch,
+            "cur_step": self.cur_step,
+            "best_valid_score": self.best_valid_score,
+            "train_method": self.train_method,
+            "partial_state_dict": hasattr(self.model, "checkpoint_state_dict"),
+            "other_parameter": other_json,
+        }
+        saved_model_file = ckpt.save_checkpoint(saved_model_file, tensors, meta, self.optimizer)
+        if verbose:
+            self.logger.info(set_color("Saving current", "blue") + f": {saved_model_file}")
+
+    def _load_weights(self, model_file):
+        """Load model tensors (and RecBole's other_parameter) from our checkpoint; returns its meta."""
+        tensors, meta, opt_state = ckpt.load_checkpoint(
+            model_file, self.device, expect_model=self.config["model"], expect_dataset=self.config["dataset"]
+        )
+        other = {k[len("__other__.") :]: v for k, v in tensors.items() if k.startswith("__other__.")}
+        state = {k: v for k, v in tensors.items() if not k.startswith("__other__.")}
+        self.model.load_state_dict(state, strict=not hasattr(self.model, "checkpoint_state_dict"))
+        other.update(meta.get("other_parameter") or {})
+        if other:
+            self.model.load_other_parameter(other)
+        return meta, opt_state
+
+    def resume_checkpoint(self, resume_file):
+        resume_file = ckpt.paths(resume_file)[0]
+        meta, opt_state = self._load_weights(resume_file)
+        self.saved_model_file = resume_file
+        self.start_epoch = meta["epoch"] + 1
+        self.cur_step = meta["cur_step"]
+        self.best_valid_score = meta["best_valid_score"]
+        if opt_state is not None:
+            self.optimizer.load_state_dict(opt_state)
+        self.logger.info(f"Checkpoint loaded. Resume training from epoch {self.start_epoch}")
+
+    def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
+        if not eval_data:
+            return
+        if load_best_model:
+            checkpoint_file = model_file or self.saved_model_file
+            self._load_weights(checkpoint_file)
+            self.logger.info(f"Loading model parameters from {ckpt.paths(checkpoint_file)[0]}")
+        return super().evaluate(eval_data, load_best_model=False, show_progress=show_progress)

@@ -1,0 +1,350 @@
+"""``eisam_scope: head``: one step against G computed independently, with e on the head only.
+
+Tiny SASRec (dropout 0, SGD with learning rate 1, one full batch): the parameter change of
+one head-scope step is exactly -G, where (docs/EISAM.md, "Where the perturbation lives")
+
+    G = grad L(theta) - lambda grad L_w(theta) + lambda grad L_w(theta with head + e)
+    e = rho g_w / ||g_w||,  g_w = the gradient of L_w w.r.t. the head only.
+
+SASRec's item embedding E is tied (input lookup and output layer): the head is its OUTPUT
+use, so the reference below gives the loss two separate arguments, E_in for the lookup and
+E_out for the logits, and perturbs E_out only. Item frequencies come from the batch targets
+(never the trainer's helpers); the reference uses torch.func.functional_call and autograd.
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from recbole_eisam import compat
+
+compat.apply()
+
+from recbole.config import Config  # noqa: E402
+from recbole.data import create_dataset, data_preparation  # noqa: E402
+from recbole.data.dataloader import TrainDataLoader  # noqa: E402
+from recbole.utils import get_model, init_seed  # noqa: E402
+
+from recbole_eisam.trainer import EISAMTrainer  # noqa: E402
+from recbole_eisam.trainer.losses import get_head_split, head_split_reason  # noqa: E402
+
+PROPS = ["properties/overall.yaml", "properties/eisam.yaml"]
+RHO = 0.5
+E = "item_embedding.weight"
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from conftest import write_tiny_dataset
+
+    root = tmp_path_factory.mktemp("head")
+    config = Config(
+        model="SASRec",
+        dataset="tiny",
+        config_file_list=PROPS,
+        config_dict={
+            "data_path": write_tiny_dataset(str(root / "data")),
+            "checkpoint_dir": str(root / "saved"),
+            "show_progress": False,
+            "MAX_ITEM_LIST_LENGTH": 10,
+            "hidden_size": 8,
+            "inner_size": 16,
+            "n_layers": 1,
+            "n_heads": 1,
+            "hidden_dropout_prob": 0.0,
+            "attn_dropout_prob": 0.0,
+            "train_batch_size": 100000,  # one full batch
+            "learner": "sgd",
+            "learning_rate": 1.0,
+            "metrics": ["Hit", "NDCG"],
+            "topk": [10],
+            "valid_metric": "NDCG@10",
+            "device": "cpu",
+            "use_gpu": False,
+        },
+    )
+    init_seed(config["seed"], config["reproducibility"])
+    train_data, _, _ = data_preparation(config, create_dataset(config))
+    batch = next(iter(train_data))
+    assert len(batch) == len(train_data.dataset)
+    return config, train_data, batch
+
+
+def make_trainer(setup, dtype=torch.float32, **keys):
+    config, train_data, _ = setup
+    base = {"train_method": "eisam", "eisam_lambda": 1.0, "eisam_weight": "power", "eisam_rho": RHO,
+            "eisam_scope": "head", "gradient_accumulation_steps": 1, "learning_rate": 1.0,
+            "clip_grad_norm": None, "reweight_beta": None, "logit_adjust_tau": None}
+    for key, value in {**base, **keys}.items():
+        config[key] = value
+    init_seed(config["seed"], True)
+    model = get_model("SASRec")(config, train_data._dataset).to(dtype)
+    trainer = EISAMTrainer(config, model)
+    trainer.setup_item_weights(train_data.dataset)
+    return trainer, model
+
+
+def one_step(trainer, model, train_data):
+    before = {k: p.detach().clone() for k, p in model.named_parameters()}
+    trainer._train_epoch(train_data, 0)
+    return {k: p.detach() - before[k] for k, p in model.named_parameters()}, before
+
+
+# ------------------------------------------------------------------ independent reference
+
+
+def f32(x):
+    return x.float().to(x.dtype)  # the trainer keeps weight vectors in float32
+
+
+def losses(model, params, e_out, batch, tau=0.0, beta=0.0):
+    """Per-sample CE with the backbone (and the input lookup) at ``params`` and the output
+    layer ``e_out``: logits = forward(params) @ e_out^T."""
+    seq_output = functional_call(model, params, (batch["item_id_list"], batch["item_length"]))
+    logits = seq_output @ e_out.T
+    target = batch["item_id"]
+    n = torch.bincount(target, minlength=logits.size(1)).to(logits.dtype)
+    if tau:
+        logits = logits - tau * f32(torch.log(n.clamp(min=1) / n.sum()))
+    loss = F.cross_entropy(logits, target, reduction="none")
+    if beta:
+        r = n.clamp(min=1) ** -beta
+        loss = loss * f32(r / ((n * r).sum() / n.sum()))[target]
+    return loss
+
+
+def leaves(params):
+    return {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
+
+
+def grad(value, p):
+    grads = torch.autograd.grad(value, list(p.values()), allow_unused=True)
+    return {k: torch.zeros_like(v) if g is None else g for (k, v), g in zip(p.items(), grads)}
+
+
+def power_weights(batch, n_items, dtype, alpha=0.5, c=1.0):
+    n = torch.bincount(batch["item_id"], minlength=n_items).to(dtype)
+    raw = (n + c) ** -alpha
+    return f32(raw / ((n * raw).sum() / n.sum()))
+
+
+def head_G(model, theta, batch, w, lam, rho=RHO, **kw):
+    """G with e on the output use of E only (the formula, written out)."""
+    p = leaves(theta)
+    g = grad(losses(model, p, p[E], batch, **kw).mean(), p)  # grad L, both uses of E
+    if lam == 0:
+        return g
+    wj = w[batch["item_id"]]
+    p = leaves(theta)
+    g_lw = grad((wj * losses(model, p, p[E], batch, **kw)).mean(), p)  # grad L_w, both uses
+    e_out = theta[E].detach().clone().requires_grad_(True)
+    p = {k: v.detach() for k, v in theta.items()}
+    (g_w,) = torch.autograd.grad((wj * losses(model, p, e_out, batch, **kw)).mean(), [e_out])  # head only
+    e = (rho / torch.linalg.vector_norm(g_w.double())).to(g_w.dtype) * g_w
+    p = leaves(theta)
+    g_lw_e = grad((wj * losses(model, p, p[E] + e, batch, **kw)).mean(), p)  # at head + e
+    return {k: g[k] - lam * g_lw[k] + lam * g_lw_e[k] for k in g}
+
+
+def norm(d):
+    return torch.sqrt(sum((v.double() ** 2).sum() for v in d.values()))
+
+
+def rel_err(delta, G):
+    return (norm({k: delta[k].double() + G[k].double() for k in G}) / norm(G)).item()
+
+
+# ------------------------------------------------------------------ SASRec
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-10)])
+def test_head_step_equals_minus_G(setup, dtype, tol):
+    _, train_data, batch = setup
+    trainer, model = make_trainer(setup, dtype, eisam_lambda=0.7)
+    assert trainer.head_split.head_names == [E]
+    delta, before = one_step(trainer, model, train_data)
+    w = power_weights(batch, model.n_items, dtype)
+    G = head_G(model, before, batch, w, lam=0.7)
+    assert rel_err(delta, G) < tol
+    assert trainer.epoch_stats["mean_sharpness"] > 0
+    # a different update from ERM and from full-scope EISAM
+    assert rel_err(delta, head_G(model, before, batch, w, lam=0.0)) > 1e-4
+    trainer_all, model_all = make_trainer(setup, dtype, eisam_lambda=0.7, eisam_scope="all")
+    delta_all, _ = one_step(trainer_all, model_all, train_data)
+    assert rel_err(delta, {k: -v for k, v in delta_all.items()}) > 1e-4
+
+
+def test_head_step_with_logit_adjust_and_reweight(setup):
+    _, train_data, batch = setup
+    trainer, model = make_trainer(setup, torch.float64, reweight_beta=0.5, logit_adjust_tau=1.0)
+    delta, before = one_step(trainer, model, train_data)
+    w = power_weights(batch, model.n_items, torch.float64)
+    G = head_G(model, before, batch, w, lam=1.0, tau=1.0, beta=0.5)
+    assert rel_err(delta, G) < 1e-10
+
+
+def test_head_scope_lambda_zero_is_erm(setup):
+    _, train_data, batch = setup
+    trainer, model = make_trainer(setup, torch.float64, eisam_lambda=0.0)
+    delta, before = one_step(trainer, model, train_data)  # dispatched to the plain step
+    G = head_G(model, before, batch, None, lam=0.0)
+    assert rel_err(delta, G) < 1e-10
+    # the head step itself with lambda = 0 is ERM too
+    trainer, model = make_trainer(setup, torch.float64, eisam_lambda=0.0)
+    before = {k: p.detach().clone() for k, p in model.named_parameters()}
+    trainer._eisam_head_step([batch], torch.amp.GradScaler("cuda", enabled=False))
+    delta = {k: p.detach() - before[k] for k, p in model.named_parameters()}
+    assert rel_err(delta, G) < 1e-10
+
+
+def test_head_step_gradient_accumulation_equals_full_batch(setup):
+    config, train_data, batch = setup
+    trainer, model = make_trainer(setup, torch.float64, gradient_accumulation_steps=3)
+    config["train_batch_size"] = math.ceil(len(train_data.dataset) / 3) + 1
+    try:
+        micro = TrainDataLoader(config, train_data.dataset, None, shuffle=True)
+    finally:
+        config["train_batch_size"] = 100000
+    assert len(micro) == 3
+    delta, before = one_step(trainer, model, micro)
+    assert trainer.epoch_stats["steps"] == 1
+    G = head_G(model, before, batch, power_weights(batch, model.n_items, torch.float64), lam=1.0)
+    assert rel_err(delta, G) < 1e-10
+
+
+def test_head_step_runs_the_backbone_once(setup):
+    _, _, batch = setup
+    calls = {"forward": 0, "backward": 0}
+    # all: pass 1 = one forward and two backwards (g_w, then the objective), pass 2 = one of each
+    for scope, expected in (("head", (1, 1)), ("all", (2, 3))):
+        trainer, model = make_trainer(setup, torch.float32, eisam_scope=scope)
+        calls.update(forward=0, backward=0)
+        model.LayerNorm.register_forward_hook(lambda *a: calls.__setitem__("forward", calls["forward"] + 1))
+        model.LayerNorm.register_full_backward_hook(
+            lambda *a: calls.__setitem__("backward", calls["backward"] + 1)
+        )
+        before = {k: p.detach().clone() for k, p in model.named_parameters()}
+        trainer._step([batch], torch.amp.GradScaler("cuda", enabled=False))
+        assert (calls["forward"], calls["backward"]) == expected, scope
+        for k, p in model.named_parameters():  # the step moved every parameter, none is left perturbed
+            assert not torch.equal(p.detach(), before[k]), k
+
+
+def test_zero_head_gradient_gives_erm(setup):
+    _, train_data, batch = setup
+    trainer, model = make_trainer(setup, torch.float64)
+    trainer.item_weight = torch.zeros_like(trainer.item_weight)  # L_w = 0: g_w = 0, e = 0
+    delta, before = one_step(trainer, model, train_data)
+    assert trainer.epoch_stats["zero_norm_steps"] == 1
+    assert rel_err(delta, head_G(model, before, batch, None, lam=0.0)) < 1e-10
+
+
+def test_scope_validation(setup):
+    config, _, _ = setup
+    with pytest.raises(ValueError, match="eisam_scope must be 'all' or 'head'"):
+        make_trainer(setup, eisam_scope="backbone")
+    config["eisam_scope"] = "head"
+    model = get_model("SASRec")(config, setup[1]._dataset)
+    assert head_split_reason(model) is None and get_head_split(model).head_names == [E]
+
+
+# ------------------------------------------------------------------ LLMRec (tiny random Llama)
+
+
+def test_llmrec_head_step_equals_minus_G(llm_head_config):
+    from test_llmrec import build
+
+    from recbole_eisam.quick_start import load_config
+
+    model, (train, _, _), _ = build(llm_head_config)
+    model.train()
+    batch = next(iter(train))
+    names = [n for n, _ in model.named_head_parameters()]
+    assert get_head_split(model).head_names == names
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert any("lora_" in n for n in trainable) and set(names) < set(trainable)
+
+    cfg = load_config("LLMRec", "tiny", config_dict=llm_head_config)
+    trainer = EISAMTrainer(cfg, model)
+    trainer.setup_item_weights(train.dataset)
+    theta = {n: p.detach().clone() for n, p in trainable.items()}
+    trainer._step([batch], torch.amp.GradScaler("cuda", enabled=False))
+    delta = {n: trainable[n].detach() - theta[n] for n in trainable}
+
+    class Score(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, h):
+            return self.m.score(h)
+
+    scorer = Score(model)
+    target = batch[model.POS_ITEM_ID]
+    counts = torch.bincount(train.dataset.inter_feat[model.ITEM_ID], minlength=model.n_items).double()
+    raw = (counts + 1.0) ** -0.5  # power weights, normalised to mean 1 over the training split
+    wj = (raw / ((counts * raw).sum() / counts.sum())).float()[target]
+
+    def per_sample(p, head):
+        hidden = functional_call(model, p, (batch[model.ITEM_SEQ], batch[model.ITEM_SEQ_LEN]))
+        logits = functional_call(scorer, {f"m.{k}": v for k, v in head.items()}, (hidden,))
+        return F.cross_entropy(logits, target, reduction="none")
+
+    lam = 0.7
+    p = leaves(theta)
+    g = grad(per_sample(p, {k: p[k] for k in names}).mean(), p)
+    p = leaves(theta)
+    g_lw = grad((wj * per_sample(p, {k: p[k] for k in names})).mean(), p)
+    frozen = {k: v.detach() for k, v in theta.items()}
+    head = {k: theta[k].detach().clone().requires_grad_(True) for k in names}
+    g_w = torch.autograd.grad((wj * per_sample(frozen, head)).mean(), list(head.values()))
+    scale = RHO / torch.sqrt(sum((x.double() ** 2).sum() for x in g_w))
+    e = {k: (x * scale.float()) for k, x in zip(names, g_w)}
+    p = leaves(theta)
+    g_lw_e = grad((wj * per_sample(p, {k: p[k] + e[k] for k in names})).mean(), p)
+    G = {k: g[k] - lam * g_lw[k] + lam * g_lw_e[k] for k in g}
+    assert rel_err(delta, G) < 1e-5
+    assert any("lora_" in k and G[k].abs().sum() > 0 for k in G)  # the backbone is trained too
+
+
+@pytest.fixture
+def llm_head_config(tiny_config_dict, tmp_path):
+    test_llmrec = pytest.importorskip("test_llmrec")
+    folder = test_llmrec.save_tiny_llama(tmp_path / "tiny_llama")
+    return dict(
+        tiny_config_dict,
+        load_col={"inter": ["user_id", "item_id", "timestamp"], "item": ["item_id", "movie_title", "genre"]},
+        item_text_fields=["movie_title"],
+        llm_path=folder,
+        llm_gguf_file=None,
+        llm_num_layers=None,
+        lora_r=4,
+        lora_alpha=8,
+        lora_dropout=0.0,
+        lora_target_modules=["q_proj", "v_proj"],
+        max_history_items=4,
+        max_item_tokens=40,
+        prompt_template="H:{history}\nN:",
+        history_item_template="\n{item}",
+        item_prompt_template="Movie: {item}",
+        projection_size=16,
+        head_dropout=0.0,
+        train_batch_size=32,
+        llm_cache_dir=str(tmp_path / "llm_cache"),
+        train_sample_num=0,
+        learner="sgd",
+        learning_rate=1.0,
+        clip_grad_norm=None,
+        train_method="eisam",
+        eisam_scope="head",
+        eisam_lambda=0.7,
+        eisam_rho=RHO,
+        eisam_weight="power",
+        eisam_alpha=0.5,
+        eisam_c=1.0,
+        metrics=["Hit", "NDCG"],
+        topk=[10],
+    )
