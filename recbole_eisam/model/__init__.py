@@ -1,0 +1,5 @@
+"""Models of recbole-eisam: :class:`LLMRec`, an LLM-based sequential recommender."""
+
+from recbole_eisam.model.llmrec import LLMRec
+
+__all__ = ["LLMRec"]

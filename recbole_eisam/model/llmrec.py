@@ -1,0 +1,289 @@
+"""
+LLMRec
+################################################
+
+An LLM-based sequential recommender: a (LoRA-tuned) large language model reads the user's
+recent items as text and its last hidden state scores every item.
+
+Reference:
+    Zhang et al. "Taming the Long Tail: Efficient Item-wise Sharpness-Aware Minimization
+    for LLM-based Recommender Systems." arXiv 2603.12752, 2026 (the LRS setting EISAM is
+    built for).
+
+Reference:
+    Hu et al. "LoRA: Low-Rank Adaptation of Large Language Models." in ICLR 2022.
+
+Reference:
+    Li et al. "E4SRec: An Elegant Effective Efficient Extensible Solution of Large Language
+    Models for Sequential Recommendation." in WWW 2024 (LLM hidden state + item head over
+    all items, trained with cross-entropy).
+"""
+
+import os
+from logging import getLogger
+
+import torch
+from torch import nn
+
+from recbole.model.abstract_recommender import SequentialRecommender
+
+from recbole_eisam.model import item_text as it
+from recbole_eisam.model.llm_backbone import load_backbone
+
+
+def _get(config, key, default):
+    value = config[key] if key in config else None
+    return default if value is None else value
+
+
+class LLMRec(SequentialRecommender):
+    r"""LLMRec renders the user's history as a text prompt, reads the LLM's hidden state at
+    the prompt's last token and scores all items against an item representation matrix.
+
+    * Backbone (:meth:`encode_sequence`): a local Hugging Face / GGUF causal LM (default
+      SmolLM2-135M-Instruct), cut to its first ``llm_num_layers`` decoder layers, frozen,
+      with LoRA adapters (PEFT). The prompt ``prompt_template`` holds the user's last
+      ``max_history_items`` item texts, oldest first and newest last; the target item is
+      never part of it (RecBole's ``ITEM_SEQ`` holds only the items before it). Prompts are
+      assembled from token ids cached per item and right-padded, so the read hidden state is
+      each prompt's real last token.
+    * Head (:meth:`score`): ``user = W_u LN(h)`` and, for every item ``i``,
+      ``item_i = W_i e_i (+ E[i])`` where ``e_i`` is the frozen base model's mean-pooled
+      encoding of the item text (computed once, cached on disk) and ``E`` an optional
+      trainable ID embedding; ``logits = user @ item^T + b`` with an optional item bias ``b``
+      initialised to the training split's log item prior (``item_bias``).
+    * Loss: softmax cross-entropy over all items; :meth:`calculate_logits` exposes the
+      per-sample logits that EISAM's per-sample losses are built from.
+
+    NOTE:
+        Only the LoRA adapters and the head are trainable; :meth:`checkpoint_state_dict`
+        returns exactly those tensors, so a checkpoint is megabytes, not the whole LLM.
+    """
+
+    HEAD_MODULES = ("user_norm", "user_proj", "item_proj", "item_embedding", "item_bias", "head_dropout")
+
+    def __init__(self, config, dataset):
+        super(LLMRec, self).__init__(config, dataset)
+        self.logger = getLogger()
+
+        # load parameters info
+        self.loss_type = _get(config, "loss_type", "CE")
+        if self.loss_type != "CE":
+            raise NotImplementedError("LLMRec is trained with loss_type: CE (softmax over all items).")
+        self.item_text_fields = list(_get(config, "item_text_fields", ["movie_title"]))
+        self.item_text_separator = str(_get(config, "item_text_separator", ", "))
+        self.max_history_items = int(_get(config, "max_history_items", 10))
+        self.max_item_tokens = _get(config, "max_item_tokens", 16)
+        self.prompt_template = str(_get(config, "prompt_template", "A user watched:{history}\nNext:"))
+        self.history_item_template = str(_get(config, "history_item_template", "\n{item}"))
+        self.item_prompt_template = str(_get(config, "item_prompt_template", "Movie: {item}"))
+        self.item_pooling = str(_get(config, "item_pooling", "mean"))
+        if self.item_pooling not in ("mean", "last"):
+            raise ValueError(f"item_pooling must be 'mean' or 'last', got {self.item_pooling!r}.")
+        self.use_item_id_embedding = bool(_get(config, "item_id_embedding", True))
+        self.use_item_bias = bool(_get(config, "item_bias", True))
+        self.projection_size = int(_get(config, "projection_size", 64))
+        self.head_dropout_prob = float(_get(config, "head_dropout", 0.1))
+        self.show_progress = bool(_get(config, "show_progress", False))
+        self.dataset_name = str(_get(config, "dataset", "dataset"))
+        cache_dir = config["llm_cache_dir"] if "llm_cache_dir" in config else None
+        if cache_dir is None:
+            cache_dir = os.path.join(str(_get(config, "checkpoint_dir", "saved")), "llm_cache")
+        self.llm_cache_dir = str(cache_dir)
+
+        # item texts (raises a one-sentence ValueError for a missing field)
+        self.item_texts = it.extract_item_texts(dataset, self.item_text_fields, self.item_text_separator)
+
+        # define the backbone: frozen base LLM (first llm_num_layers layers) + LoRA adapters
+        self.backbone, self.tokenizer, self.backbone_info = load_backbone(
+            llm_path=config["llm_path"] if "llm_path" in config else None,
+            gguf_file=config["llm_gguf_file"] if "llm_gguf_file" in config else None,
+            dtype=_get(config, "llm_dtype", "auto"),
+            device=self.device,
+            num_layers=config["llm_num_layers"] if "llm_num_layers" in config else None,
+            trust_remote_code=bool(_get(config, "trust_remote_code", False)),
+            gradient_checkpointing=bool(_get(config, "gradient_checkpointing", False)),
+            lora_r=int(_get(config, "lora_r", 8)),
+            lora_alpha=float(_get(config, "lora_alpha", 16)),
+            lora_dropout=float(_get(config, "lora_dropout", 0.05)),
+            lora_target_modules=_get(config, "lora_target_modules", ["q_proj", "v_proj"]),
+        )
+        self.hidden_size = self.backbone_info["hidden_size"]
+
+        # prompts from token ids cached once per item
+        self.prompt_builder = it.PromptBuilder(
+            self.tokenizer,
+            self.item_texts,
+            self.prompt_template,
+            self.history_item_template,
+            self.max_history_items,
+            self.max_item_tokens,
+        )
+
+        # item representations: the frozen base model's encoding of each item text (cached)
+        encodings, self.item_cache_path, self.item_cache_hit = self._item_encodings(
+            int(_get(config, "item_encode_batch_size", 128))
+        )
+        real = encodings[1:]
+        center = real.mean(0, keepdim=True)
+        scale = (real - center).pow(2).sum(1).mean().sqrt().clamp(min=1e-6)
+        normed = (encodings - center) / scale
+        normed[0] = 0.0
+        self.register_buffer("item_text_emb", normed.float(), persistent=False)
+
+        # define the head
+        self.user_norm = nn.LayerNorm(self.hidden_size)
+        self.head_dropout = nn.Dropout(self.head_dropout_prob)
+        self.user_proj = nn.Linear(self.hidden_size, self.projection_size)
+        self.item_proj = nn.Linear(self.hidden_size, self.projection_size, bias=False)
+        if self.use_item_id_embedding:
+            self.item_embedding = nn.Embedding(self.n_items, self.projection_size, padding_idx=0)
+            nn.init.normal_(self.item_embedding.weight, std=0.02)
+            with torch.no_grad():
+                self.item_embedding.weight[0].zero_()
+        else:
+            self.item_embedding = None
+        if self.use_item_bias:
+            # output bias initialised to the log prior of the training split ("init well"):
+            # training starts from popularity and learns the personal part on top of it
+            from recbole_eisam.utils import item_counts
+
+            counts = item_counts(dataset, self.n_items).float()
+            prior = torch.log((counts + 1.0) / (counts + 1.0).sum())
+            self.item_bias = nn.Parameter(prior - prior[1:].mean())
+        else:
+            self.item_bias = None
+        self.loss_fct = nn.CrossEntropyLoss()
+        lengths = self.prompt_builder.item_token_len[1:].float()
+        self.logger.info(
+            f"LLMRec: backbone {self.backbone_info['gguf_file'] or self.backbone_info['folder']} "
+            f"({self.backbone_info['num_layers']} layers kept, {self.backbone_info['dtype']}), "
+            f"{self.max_history_items} history items of {lengths.mean():.1f} tokens on average"
+        )
+
+    # ------------------------------------------------------------------ item encodings
+    def _item_encodings(self, batch_size):
+        ids, lens, span = it.tokenize_item_prompts(
+            self.tokenizer, self.item_texts, self.item_prompt_template, self.max_item_tokens
+        )
+        info = self.backbone_info
+        key_parts = {
+            "model": info["fingerprint"],
+            "gguf_file": info["gguf_file"],
+            "num_layers": info["num_layers"],
+            "dtype": str(info["dtype"]),
+            "dataset": self.dataset_name,
+            "item_texts": it.cache_key({"t": self.item_texts}),
+            "item_prompt_template": self.item_prompt_template,
+            "item_pooling": self.item_pooling,
+            "max_item_tokens": self.max_item_tokens,
+        }
+
+        def encode():
+            base = self.backbone
+            was_training = base.training
+            base.eval()
+            base.to(self.device)
+            try:
+                if hasattr(base, "disable_adapter"):
+                    with base.disable_adapter():
+                        return self._encode(base, ids, lens, span, batch_size)
+                return self._encode(base, ids, lens, span, batch_size)
+            finally:
+                base.train(was_training)
+
+        return it.load_or_encode_items(self.llm_cache_dir, key_parts, encode, self.logger)
+
+    def _encode(self, base, ids, lens, span, batch_size):
+        return it.encode_items(
+            base, ids, lens, span, self.item_pooling, batch_size, self.device, self.show_progress
+        )
+
+    # ------------------------------------------------------------------ backbone
+    def build_prompts(self, item_seq, item_seq_len):
+        """``(input_ids, attention_mask, lengths)`` of the history prompts (right-padded)."""
+        return self.prompt_builder(item_seq, item_seq_len)
+
+    def forward(self, item_seq, item_seq_len):
+        input_ids, attention_mask, lengths = self.build_prompts(item_seq, item_seq_len)
+        output = self.backbone(input_ids=input_ids, attention_mask=attention_mask)
+        hidden = output.last_hidden_state
+        hidden = self.gather_indexes(hidden, lengths - 1)  # each prompt's real last token
+        return hidden.float()  # [B H]
+
+    def encode_sequence(self, interaction):
+        """Backbone part: the LLM's hidden state at each prompt's last token, ``[B, H]``."""
+        return self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
+
+    # ------------------------------------------------------------------ head
+    def user_vectors(self, hidden):
+        return self.user_proj(self.head_dropout(self.user_norm(hidden)))  # [B d]
+
+    def item_vectors(self, items=None):
+        """Item representations ``[n_items, d]`` (or of ``items``)."""
+        text = self.item_text_emb if items is None else self.item_text_emb[items]
+        vectors = self.item_proj(text)
+        if self.item_embedding is not None:
+            vectors = vectors + (self.item_embedding.weight if items is None else self.item_embedding(items))
+        return vectors
+
+    def score(self, hidden):
+        """Head part: logits of all items (padding id 0 included), ``[B, n_items]``."""
+        logits = torch.matmul(self.user_vectors(hidden), self.item_vectors().transpose(0, 1))
+        return logits if self.item_bias is None else logits + self.item_bias
+
+    def head_parameters(self):
+        """Parameters of the head (everything after :meth:`encode_sequence`)."""
+        return [p for _, p in self.named_head_parameters()]
+
+    def named_head_parameters(self):
+        return [
+            (n, p)
+            for n, p in self.named_parameters()
+            if p.requires_grad and n.split(".")[0] in self.HEAD_MODULES
+        ]
+
+    # ------------------------------------------------------------------ RecBole API
+    def calculate_logits(self, interaction):
+        """Per-sample protocol: ``(logits [B, n_items], target [B])``."""
+        logits = self.score(self.encode_sequence(interaction))
+        return logits, interaction[self.POS_ITEM_ID]
+
+    def calculate_loss(self, interaction):
+        logits, target = self.calculate_logits(interaction)
+        return self.loss_fct(logits, target)
+
+    def predict(self, interaction):
+        user = self.user_vectors(self.encode_sequence(interaction))
+        items = self.item_vectors(interaction[self.ITEM_ID])
+        scores = torch.mul(user, items).sum(dim=1)  # [B]
+        return scores if self.item_bias is None else scores + self.item_bias[interaction[self.ITEM_ID]]
+
+    def full_sort_predict(self, interaction):
+        return self.score(self.encode_sequence(interaction))  # [B n_items]
+
+    # ------------------------------------------------------------------ checkpoints
+    def checkpoint_state_dict(self):
+        """Trainable tensors only (LoRA adapters, head), keyed like :meth:`state_dict`."""
+        return {n: p.detach().cpu().clone() for n, p in self.named_parameters() if p.requires_grad}
+
+    def save_pretrained(self, directory):
+        """Write the LoRA adapter in PEFT format (``adapter/``) and the head as safetensors."""
+        from safetensors.torch import save_file
+
+        os.makedirs(directory, exist_ok=True)
+        if hasattr(self.backbone, "peft_config"):
+            self.backbone.save_pretrained(os.path.join(directory, "adapter"))
+        head = {n: p.detach().cpu().contiguous() for n, p in self.named_head_parameters()}
+        save_file(head, os.path.join(directory, "head.safetensors"))
+
+    def load_pretrained(self, directory):
+        """Inverse of :meth:`save_pretrained`."""
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        adapter = os.path.join(directory, "adapter", "adapter_model.safetensors")
+        if os.path.isfile(adapter) and hasattr(self.backbone, "peft_config"):
+            set_peft_model_state_dict(self.backbone, load_file(adapter))
+        missing = self.load_state_dict(load_file(os.path.join(directory, "head.safetensors")), strict=False)
+        return missing
