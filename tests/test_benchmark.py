@@ -1,0 +1,188 @@
+"""The benchmark grid: tuning on validation, equal budgets, ablation presets, resume."""
+
+import json
+import os
+
+import pandas as pd
+import pytest
+
+from recbole_eisam import benchmark
+from recbole_eisam.benchmark import Benchmark, Grid, GridError
+
+
+def _grid(**changes):
+    grid = Grid(
+        dataset="toy",
+        models=["A"],
+        reference_models=["R"],
+        methods=["erm", "sam", "eisam", "eisam_noweight", "reweight_only"],
+        seeds=[1, 2],
+        budget=2,
+        tuning={
+            "sam": [{"eisam_rho": 0.01}, {"eisam_rho": 0.05}],
+            "eisam": [
+                {"eisam_weight": "power", "eisam_alpha": 0.5, "eisam_lambda": 2.0, "eisam_rho": 0.02},
+                {"eisam_weight": "power", "eisam_alpha": 1.0, "eisam_lambda": 0.5, "eisam_rho": 0.1},
+            ],
+        },
+        config={"epochs": 3},
+    )
+    for key, value in changes.items():
+        setattr(grid, key, value)
+    return grid
+
+
+class FakeRuns:
+    """Stands in for quick_start.run: counts calls, optionally interrupts after ``stop_after``."""
+
+    def __init__(self, stop_after=None):
+        self.calls, self.stop_after = [], stop_after
+
+    def __call__(self, spec, topk_path, result_path, isolate=False):
+        if self.stop_after is not None and len(self.calls) >= self.stop_after:
+            raise KeyboardInterrupt
+        self.calls.append((spec.model, spec.method, spec.seed, json.dumps(spec.params, sort_keys=True), spec.stage))
+        os.makedirs(os.path.dirname(topk_path), exist_ok=True)
+        with open(topk_path, "w") as f:
+            f.write("user_id\ttarget_item_id\ttopk_item_ids\nu1\ti1\t" + " ".join(f"i{i}" for i in range(1, 11)) + "\n")
+        # validation prefers larger rho, then larger alpha: the tuning choice is predictable
+        score = spec.overrides.get("eisam_rho", 0.0) + 0.001 * spec.overrides.get("eisam_alpha", 0.0)
+        return {
+            "best_valid_score": score,
+            "best_valid_result": {"ndcg@10": score},
+            "test_result": {"ndcg@10": 0.1 + score, "tailndcg@10": 0.01, "giniindex@10": None},
+        }
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    def stats(model, dataset, config_files, overrides):
+        return pd.DataFrame({"item_id": [f"i{i}" for i in range(1, 11)], "train_count": range(10, 0, -1),
+                             "popularity_rank": range(1, 11), "is_head": [1, 1] + [0] * 8})
+
+    monkeypatch.setattr(benchmark, "compute_item_stats", stats)
+    runs = FakeRuns()
+    monkeypatch.setattr(benchmark, "execute_run", runs)
+    return runs
+
+
+# tuning: sam 2 + eisam 2; finals: erm 2, sam 1 (seed 1 reused), eisam 1, eisam_noweight 2,
+# reweight_only 2; reference R: erm 2
+EXPECTED_RUNS = 2 + 2 + 2 + 1 + 1 + 2 + 2 + 2
+
+
+def test_grid_tunes_on_validation_and_derives_ablations(tmp_path, fake):
+    out = str(tmp_path / "out")
+    assert Benchmark(_grid(), out, log=lambda *_: None).run() == []
+    assert len(fake.calls) == EXPECTED_RUNS
+    results = pd.read_csv(os.path.join(out, "results.csv"))
+    assert len(results) == 2 * 5 + 2  # one row per model x method x seed
+    params = {m: json.loads(p) for m, p in zip(results["method"], results["params"])}
+    assert params["sam"] == {"eisam_rho": 0.05}
+    assert params["eisam"]["eisam_rho"] == 0.1 and params["eisam"]["eisam_alpha"] == 1.0
+    # ablations: EISAM's tuned rho / lambda with uniform w; EISAM's exponent without sharpness
+    assert params["eisam_noweight"] == {"eisam_rho": 0.1, "eisam_lambda": 0.5}
+    assert params["reweight_only"] == {"reweight_beta": 1.0}
+    overrides = {m: json.loads(o) for m, o in zip(results["method"], results["overrides"])}
+    assert overrides["eisam_noweight"]["eisam_weight"] == "uniform"
+    assert overrides["eisam_noweight"]["train_method"] == "eisam"
+    assert overrides["reweight_only"]["train_method"] == "reweight"
+    assert set(results.loc[results["model"] == "R", "method"]) == {"erm"}
+    tuning = pd.read_csv(os.path.join(out, "tuning.csv"))
+    assert len(tuning) == 4 and set(tuning["seed"]) == {1}
+    assert os.path.isfile(os.path.join(out, "REPORT.md")) is False  # the CLI builds it, not run()
+
+
+def test_resume_does_not_repeat_finished_runs(tmp_path, fake, monkeypatch):
+    out = str(tmp_path / "out")
+    first = FakeRuns(stop_after=5)
+    monkeypatch.setattr(benchmark, "execute_run", first)
+    with pytest.raises(KeyboardInterrupt):
+        Benchmark(_grid(), out, log=lambda *_: None).run()
+    assert len(first.calls) == 5
+    second = FakeRuns()
+    monkeypatch.setattr(benchmark, "execute_run", second)
+    Benchmark(_grid(), out, log=lambda *_: None).run()
+    assert len(second.calls) == EXPECTED_RUNS - 5
+    assert not set(first.calls) & set(second.calls)
+    third = FakeRuns()
+    monkeypatch.setattr(benchmark, "execute_run", third)
+    Benchmark(_grid(), out, log=lambda *_: None).run()
+    assert third.calls == []
+    assert len(pd.read_csv(os.path.join(out, "results.csv"))) == 12
+    # another global override is another signature: everything runs again
+    fourth = FakeRuns()
+    monkeypatch.setattr(benchmark, "execute_run", fourth)
+    Benchmark(_grid(), out, overrides={"epochs": 1}, log=lambda *_: None).run()
+    assert len(fourth.calls) == EXPECTED_RUNS
+
+
+def test_failed_run_is_logged_and_retried(tmp_path, fake, monkeypatch):
+    out = str(tmp_path / "out")
+    calls = []
+
+    def flaky(spec, topk_path, result_path, isolate=False):
+        calls.append(spec.method)
+        if spec.method == "erm" and spec.model == "A" and spec.seed == 2:
+            raise RuntimeError("boom")
+        return fake(spec, topk_path, result_path)
+
+    monkeypatch.setattr(benchmark, "execute_run", flaky)
+    failures = Benchmark(_grid(), out, log=lambda *_: None).run()
+    assert len(failures) == 1 and "boom" in open(os.path.join(out, "failures.log")).read()
+    monkeypatch.setattr(benchmark, "execute_run", fake)
+    before = len(fake.calls)
+    assert Benchmark(_grid(), out, log=lambda *_: None).run() == []
+    assert len(fake.calls) - before == 1
+
+
+def test_grid_checks(tmp_path):
+    with pytest.raises(GridError, match="Equal tuning budget"):
+        Benchmark(_grid(budget=3), str(tmp_path))
+    with pytest.raises(GridError, match="Unknown method"):
+        Benchmark(_grid(methods=["erm", "focal_loss"]), str(tmp_path))
+    with pytest.raises(GridError, match="set by the benchmark"):
+        Benchmark(_grid(), str(tmp_path), overrides={"seed": 3})
+    with pytest.raises(GridError, match="from 'eisam'"):
+        Benchmark(_grid(tuning={"eisam_noweight": [{"eisam_rho": 1}]}, budget=None), str(tmp_path))
+
+
+def test_shipped_grid_files_are_valid():
+    grid = Grid.from_file(benchmark.DEFAULT_GRID).validate()
+    assert grid.budget == 4
+    for method in ("sam", "imbsam", "reweight", "logit_adjust", "eisam"):
+        assert len(grid.candidates("SASRec", method)) == 4
+    assert grid.candidates("SASRec", "erm") == [{}]
+    Grid.from_file(os.path.join(benchmark.GRID_DIR, "smoke.yaml")).validate()
+
+
+def test_real_tiny_grid_end_to_end(tmp_path, tiny_config_dict, monkeypatch):
+    """Two real SASRec runs (ERM, EISAM) on the tiny dataset, then the report."""
+    monkeypatch.chdir(tmp_path)  # RecBole writes ./log
+    config = dict(tiny_config_dict, epochs=1)
+    del config["seed"]  # the grid sets it
+    grid = Grid(dataset="tiny", models=["SASRec"], reference_models=[], methods=["erm", "eisam"],
+                seeds=[1], config=config)
+    out = str(tmp_path / "bench")
+    assert benchmark.main(["--out=" + out, "--grid=" + _write_grid(tmp_path, grid)]) == 0
+    results = pd.read_csv(os.path.join(out, "results.csv"))
+    assert list(results["method"]) == ["erm", "eisam"]
+    assert {"test_ndcg@10", "test_tailndcg@10", "valid_ndcg@10", "wall_seconds"} <= set(results.columns)
+    report = open(os.path.join(out, "REPORT.md")).read()
+    assert "## SASRec on tiny" in report
+    # the top-K file reproduces the run's own NDCG@10
+    from recbole_eisam.analysis.topk import read_topk
+
+    frame = read_topk(os.path.join(out, results["topk_file"][0]))
+    assert frame["ndcg"].mean() == pytest.approx(results["test_ndcg@10"][0], abs=1e-4)
+    assert benchmark.main(["--out=" + out, "--grid=" + _write_grid(tmp_path, grid), "--no_report"]) == 0
+    assert len(pd.read_csv(os.path.join(out, "results.csv"))) == 2  # resumed: nothing new
+
+
+def _write_grid(tmp_path, grid):
+    import yaml
+
+    path = tmp_path / "grid.yaml"
+    data = {k: getattr(grid, k) for k in ("dataset", "models", "reference_models", "methods", "seeds", "config")}
+    path.write_text(yaml.safe_dump(data))
+    return str(path)

@@ -1,0 +1,165 @@
+"""The report builder on a hand-made results.csv and hand-made top-K files (no training)."""
+
+import json
+import math
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from recbole_eisam.analysis import report
+from recbole_eisam.analysis.topk import read_topk
+
+N_ITEMS, N_USERS, HEAD = 20, 40, 4  # head_ratio 0.2 of 20 items
+METRICS = {  # (method, seed) -> test_ndcg@10, test_tailndcg@10
+    ("erm", 1): (0.10, 0.020),
+    ("erm", 2): (0.12, 0.030),
+    ("erm", 3): (0.11, 0.025),
+    ("eisam", 1): (0.11, 0.030),
+    ("eisam", 2): (0.10, 0.040),
+    ("eisam", 3): (0.12, 0.032),
+    ("same", 1): (0.10, 0.020),
+    ("same", 2): (0.12, 0.030),
+    ("same", 3): (0.11, 0.025),
+}
+
+
+def _item_stats(path):
+    counts = np.arange(N_ITEMS, 0, -1) * 3  # i1 most frequent
+    frame = pd.DataFrame({
+        "item_id": [f"i{i}" for i in range(1, N_ITEMS + 1)],
+        "train_count": counts,
+        "popularity_rank": np.arange(1, N_ITEMS + 1),
+        "is_head": (np.arange(1, N_ITEMS + 1) <= HEAD).astype(int),
+    })
+    frame.to_csv(path, sep="\t", index=False)
+
+
+def _topk(path, targets, rng):
+    rows = []
+    for u, target in enumerate(targets):
+        items = [f"i{i}" for i in rng.permutation(N_ITEMS)[:12] + 1]
+        rows.append((f"u{u}", target, " ".join(items)))
+    pd.DataFrame(rows, columns=["user_id", "target_item_id", "topk_item_ids"]).to_csv(path, sep="\t", index=False)
+
+
+def _ndcg(path):
+    """Per-user NDCG@10 computed independently of the package."""
+    frame = pd.read_csv(path, sep="\t", dtype=str)
+    values = []
+    for target, items in zip(frame["target_item_id"], frame["topk_item_ids"]):
+        listed = items.split()[:10]
+        values.append(1 / math.log2(listed.index(target) + 2) if target in listed else 0.0)
+    return np.array(values)
+
+
+@pytest.fixture
+def bench(tmp_path):
+    out = tmp_path / "bench"
+    (out / "runs").mkdir(parents=True)
+    _item_stats(out / "items.tsv")
+    rng = np.random.default_rng(0)
+    targets = [f"i{i}" for i in rng.integers(1, N_ITEMS + 1, size=N_USERS)]
+    rows = []
+    for (method, seed), (ndcg, tail) in METRICS.items():
+        topk = f"runs/{method}-{seed}.tsv"
+        if method == "same":  # identical rankings to ERM: every difference is zero
+            (out / topk).write_text((out / f"runs/erm-{seed}.tsv").read_text())
+        else:
+            _topk(out / topk, targets, rng)
+        rows.append({
+            "dataset": "toy", "model": "M", "method": method, "seed": seed, "signature": "x",
+            "params": json.dumps({"eisam_rho": 0.05} if method == "eisam" else {}),
+            "test_ndcg@10": ndcg, "test_hit@10": 2 * ndcg, "test_headndcg@10": 3 * ndcg,
+            "test_tailndcg@10": tail, "test_tailhit@10": 2 * tail, "test_tailcoverage@10": 0.5,
+            "test_giniindex@10": 0.9, "wall_seconds": 1.0,
+            "topk_file": topk, "item_stats_file": "items.tsv",
+        })
+    # a reference model with ERM only, and no top-K file
+    rows.append({"dataset": "toy", "model": "Pop", "method": "erm", "seed": 1, "signature": "y",
+                 "params": "{}", "test_ndcg@10": 0.05, "test_tailndcg@10": 0.0})
+    pd.DataFrame(rows).to_csv(out / "results.csv", index=False)
+    return str(out), targets
+
+
+def test_summary_means_stds_and_relative_change(bench):
+    out, _ = bench
+    summary = report.summarize(report.load_results(out))
+    for method in ("erm", "eisam"):
+        values = np.array([METRICS[(method, s)][1] for s in (1, 2, 3)])
+        row = summary.loc[("toy", "M", method)]
+        assert row["tailndcg@10_mean"] == pytest.approx(values.mean())
+        assert row["tailndcg@10_std"] == pytest.approx(values.std(ddof=1))  # sample std
+        assert row["n_seeds"] == 3
+    erm = np.mean([METRICS[("erm", s)][1] for s in (1, 2, 3)])
+    eisam = np.mean([METRICS[("eisam", s)][1] for s in (1, 2, 3)])
+    assert summary.loc[("toy", "M", "eisam"), "tailndcg@10_rel"] == pytest.approx((eisam - erm) / erm)
+    assert summary.loc[("toy", "M", "erm"), "ndcg@10_rel"] == pytest.approx(0.0)
+    # one seed: no std; no ERM of its own model is needed for a reference row's mean
+    assert math.isnan(summary.loc[("toy", "Pop", "erm"), "ndcg@10_std"])
+    assert summary.loc[("toy", "Pop", "erm"), "ndcg@10_mean"] == pytest.approx(0.05)
+
+
+def test_per_user_ndcg_matches_independent_computation(bench):
+    out, _ = bench
+    path = os.path.join(out, "runs/eisam-1.tsv")
+    np.testing.assert_allclose(read_topk(path)["ndcg"].to_numpy(), _ndcg(path))
+
+
+def test_wilcoxon_pvalues_pooled_over_seeds(bench):
+    out, targets = bench
+    tests = report.paired_tests(report.load_results(out), out)
+    diffs = np.concatenate([
+        _ndcg(os.path.join(out, f"runs/eisam-{s}.tsv")) - _ndcg(os.path.join(out, f"runs/erm-{s}.tsv"))
+        for s in (1, 2, 3)
+    ])
+    tail_rows = np.tile([int(t[1:]) > HEAD for t in targets], 3)
+    row = tests.loc[("toy", "M", "eisam")]
+    assert row["p_all"] == pytest.approx(stats.wilcoxon(diffs).pvalue)
+    assert row["p_tail"] == pytest.approx(stats.wilcoxon(diffs[tail_rows]).pvalue)
+    assert row["n_all"] == 3 * N_USERS and row["n_tail"] == int(tail_rows.sum())
+    assert row["mean_diff_all"] == pytest.approx(diffs.mean())
+    seed1 = _ndcg(os.path.join(out, "runs/eisam-1.tsv")) - _ndcg(os.path.join(out, "runs/erm-1.tsv"))
+    assert row["per_seed"][1][0] == pytest.approx(stats.wilcoxon(seed1).pvalue)
+    # identical rankings: all differences zero -> p = 1, not an exception or nan
+    same = tests.loc[("toy", "M", "same")]
+    assert same["p_all"] == 1.0 and same["p_tail"] == 1.0 and same["nonzero_all"] == 0
+
+
+def test_decile_curve(bench):
+    out, targets = bench
+    curves = report.decile_curves(report.load_results(out), out)
+    curve = curves[("toy", "M")]
+    # 20 items -> 2 items per decile; decile of item i = ceil(i / 2)
+    deciles = np.array([(int(t[1:]) + 1) // 2 for t in targets])
+    ndcg = np.concatenate([_ndcg(os.path.join(out, f"runs/erm-{s}.tsv")) for s in (1, 2, 3)])
+    pooled = np.tile(deciles, 3)
+    for d in range(1, 11):
+        expected = ndcg[pooled == d].mean() if (pooled == d).any() else np.nan
+        np.testing.assert_allclose(curve["methods"]["erm"][d - 1], expected)
+    assert sum(curve["counts"]) == N_USERS
+
+
+def test_report_file_and_plots(bench):
+    out, _ = bench
+    path = report.build_report(out)
+    text = open(path).read()
+    eisam = np.array([METRICS[("eisam", s)][1] for s in (1, 2, 3)])
+    erm = np.mean([METRICS[("erm", s)][1] for s in (1, 2, 3)])
+    cell = f"{eisam.mean():.4f} ± {eisam.std(ddof=1):.4f} ({(eisam.mean() - erm) / erm * 100:+.1f}%)"
+    assert cell in text
+    assert "## M on toy" in text and "Reference models" in text and "eisam_rho=0.05" in text
+    assert "EISAM / ERM TailNDCG@10" in text
+    assert os.path.getsize(os.path.join(out, "plots", "head_tail_toy_M.png")) > 1000
+    assert os.path.getsize(os.path.join(out, "plots", "deciles_toy_M.png")) > 1000
+
+
+def test_mismatched_topk_files_are_refused(bench):
+    out, _ = bench
+    path = os.path.join(out, "runs/eisam-1.tsv")
+    frame = pd.read_csv(path, sep="\t", dtype=str).iloc[:-1]  # one user fewer
+    frame.to_csv(path, sep="\t", index=False)
+    with pytest.raises(ValueError, match="same test rows"):
+        report.paired_tests(report.load_results(out), out)
