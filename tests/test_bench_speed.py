@@ -1,0 +1,106 @@
+"""recbole_eisam.bench_speed through its command line, on the tiny dataset."""
+
+import json
+import math
+
+import pytest
+
+from recbole_eisam.bench_speed import main
+from recbole_eisam.cli import main_guard
+
+from test_llmrec import save_tiny_llama
+
+METHODS = ("erm", "sam", "eisam_all", "eisam_head")
+
+
+def _argv(config_dict):
+    return [f"--{key}={value!r}" for key, value in config_dict.items()]
+
+
+def _last_json(capsys):
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) > 1, "a table is printed before the JSON line"
+    return json.loads(out[-1]), "\n".join(out[:-1])
+
+
+def _check_speed(result, steps):
+    for key in (
+        "model", "device", "seconds_per_step", "ratio_to_erm", "tokens_per_s", "eval_users_per_s",
+        "peak_memory_bytes", "extra_memory_vs_erm_bytes", "perturbation_state_bytes", "params",
+        "steps", "batch_size",
+    ):
+        assert key in result
+    assert result["steps"] == steps
+    seconds = result["seconds_per_step"]
+    assert set(seconds) == set(METHODS)
+    for method in METHODS:
+        value = seconds[method]
+        assert isinstance(value, float) and math.isfinite(value) and value > 0, (method, value)
+        assert len(result["step_seconds"][method]) == steps
+        assert result["peak_memory_bytes"][method] > 0
+    assert set(result["ratio_to_erm"]) == {"sam", "eisam_all", "eisam_head"}
+    for method, ratio in result["ratio_to_erm"].items():
+        assert ratio == pytest.approx(seconds[method] / seconds["erm"], rel=1e-12)
+    assert result["eval_users"] > 0 and result["eval_users_per_s"] > 0
+    params = result["params"]
+    assert 0 < params["head"] <= params["trainable"] <= params["total"]
+    state = result["perturbation_state_bytes"]
+    assert state["erm"] == 0
+    assert state["sam"] == state["eisam_all"] == 2 * params["trainable_bytes"]
+    assert state["eisam_head"] == 2 * params["head_bytes"]
+
+
+def test_sasrec_speed_json_is_the_last_line(tiny_config_dict, capsys, tmp_path):
+    result_file = tmp_path / "speed.json"
+    argv = ["--model=SASRec", "--dataset=tiny", "--steps=2", "--warmup=1", "--threads=1", f"--result_file={result_file}"]
+    assert main(argv + _argv(tiny_config_dict)) == 0
+    result, table = _last_json(capsys)
+    _check_speed(result, steps=2)
+    assert result["model"] == "SASRec" and result["device"] == "cpu"
+    assert result["batch_size"] == tiny_config_dict["train_batch_size"]
+    assert result["tokens_per_s"] is None  # no text prompts
+    assert json.loads(result_file.read_text())["seconds_per_step"] == result["seconds_per_step"]
+    for method in METHODS:
+        assert method in table
+    assert "users/s" in table
+
+
+def test_llmrec_speed_reports_tokens_and_frozen_backbone(tiny_config_dict, capsys, tmp_path):
+    llm = save_tiny_llama(tmp_path / "tiny_llama")
+    config = dict(
+        tiny_config_dict,
+        load_col={"inter": ["user_id", "item_id", "timestamp"], "item": ["item_id", "movie_title", "genre"]},
+        item_text_fields=["movie_title"],
+        llm_path=llm,
+        llm_gguf_file=None,
+        llm_num_layers=None,
+        lora_r=4,
+        lora_alpha=8,
+        lora_dropout=0.0,
+        max_history_items=4,
+        max_item_tokens=40,
+        projection_size=16,
+        train_batch_size=16,
+        llm_cache_dir=str(tmp_path / "llm_cache"),
+        metrics=["Hit", "NDCG"],
+        topk=[10],
+    )
+    argv = ["--model=LLMRec", "--dataset=tiny", "--steps=2", "--warmup=1", "--threads=1"]
+    assert main(argv + _argv(config)) == 0
+    result, table = _last_json(capsys)
+    _check_speed(result, steps=2)
+    assert result["tokens_per_step"] > 0
+    for method in METHODS:
+        assert result["tokens_per_s"][method] > 0
+    params = result["params"]
+    assert params["trainable"] < params["total"]  # the frozen LLM is never part of the state
+    assert "prompt tokens per step" in table
+
+
+def test_bad_options_are_one_line_errors(tiny_config_dict, capsys):
+    argv = ["--model=SASRec", "--dataset=tiny", "--steps=0"] + _argv(tiny_config_dict)
+    assert main_guard(main, argv) == 2
+    assert "steps >= 1" in capsys.readouterr().err
+    argv = ["--model=SASRec", "--dataset=tiny", "--methods=erm,nope"] + _argv(tiny_config_dict)
+    assert main_guard(main, argv) == 2
+    assert "nope" in capsys.readouterr().err
