@@ -5,7 +5,14 @@
 
 Any RecBole or recbole_eisam key can be given as ``--key=value``. Extra options:
 ``--result_file=PATH`` (results as JSON), ``--save_topk=PATH`` (test top-K lists as TSV),
+``--resume=PATH`` (continue an interrupted training from the checkpoint it names),
 ``--debug`` (tracebacks instead of one-line errors).
+
+SIGINT (Ctrl-C) or SIGTERM during training writes ``<checkpoint>-resume.safetensors``
+after the current step and exits with 128 + the signal number; ``--resume`` with the same
+other options continues exactly where it stopped. ``--nproc=N`` trains with N processes
+(RecBole's distributed mode: gloo on CPU, NCCL on GPUs; ``--world_size``, ``--ip``,
+``--port`` and ``--offset`` for several machines).
 """
 
 import json
@@ -18,6 +25,7 @@ def main(argv):
     parser = build_parser(__doc__.splitlines()[0])
     parser.add_argument("--result_file", default=None, help="write the results as JSON to this path")
     parser.add_argument("--save_topk", default=None, help="write the test top-K lists as TSV to this path")
+    parser.add_argument("--resume", default=None, help="continue training from this checkpoint (...-resume.safetensors)")
     args, extra = parser.parse_known_args(argv)
     overrides = parse_overrides(extra)
 
@@ -30,6 +38,7 @@ def main(argv):
         config_dict=overrides,
         result_file=args.result_file,
         save_topk=args.save_topk,
+        resume=args.resume,
     )
     print(json.dumps({"best_valid_result": result["best_valid_result"], "test_result": result["test_result"]}, indent=2))
     return 0

@@ -17,6 +17,15 @@ def convert_value(text):
             return value
     except Exception:  # not a literal: a plain string such as 'eisam' or 'ml-100k'
         pass
+    if text.strip()[:1] in ("[", "{"):  # YAML flow style, as in the YAML files: [movie_title, genre]
+        import yaml
+
+        try:
+            value = yaml.safe_load(text)
+            if isinstance(value, (list, dict)):
+                return value
+        except yaml.YAMLError:
+            pass
     lowered = text.lower()
     if lowered in ("true", "false"):
         return lowered == "true"
@@ -44,7 +53,11 @@ def build_parser(description):
 
 
 def main_guard(main, argv=None):
-    """Run ``main(argv)``; report bad input as one line on stderr with exit code 2."""
+    """Run ``main(argv)``; report bad input as one line on stderr with exit code 2.
+
+    An interruption (Ctrl-C, SIGTERM) is one line too: where the checkpoint to resume from
+    is, for an interrupted training, with exit code 128 + the signal's number.
+    """
     argv = sys.argv[1:] if argv is None else argv
     try:
         return main(argv)
@@ -52,8 +65,9 @@ def main_guard(main, argv=None):
         if "--debug" in argv:
             raise
         message = str(err).strip().strip('"').strip("'") or type(err).__name__
+        message = " ".join(line.strip() for line in message.splitlines() if line.strip())  # one line
         print(f"error: {message}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("error: interrupted.", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:  # recbole_eisam.errors.TrainingInterrupted among them
+        print(f"error: {str(err).strip() or 'interrupted.'}", file=sys.stderr)
+        return getattr(err, "exit_code", 130)

@@ -13,6 +13,9 @@ And one that costs time on any version: importing ``recbole.model.sequential_rec
 from ``sine.py``, slowing every backward pass of every model. :func:`apply` imports that
 package once and switches anomaly detection back off.
 
+And one for CPUs: ``Config._init_device`` starts RecBole's distributed mode with NCCL only;
+:mod:`recbole_eisam.distributed` adds gloo on CPU.
+
 :func:`apply` restores the aliases with their NumPy-2 meanings (exactly what RecBole
 intends) and replaces ``compatibility_settings`` by a no-op. It is idempotent and is run
 by ``import recbole_eisam``.
@@ -44,6 +47,9 @@ def apply():
     from recbole.config import Config
 
     Config.compatibility_settings = _compatibility_settings
+    from recbole_eisam import distributed
+
+    distributed.install()  # gloo on CPU in RecBole's distributed mode (it hardcodes NCCL)
 
     import recbole.model.sequential_recommender  # noqa: F401  (its sine.py turns anomaly mode on)
     import torch

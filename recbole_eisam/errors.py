@@ -7,3 +7,20 @@ class EISAMError(Exception):
 
 class DatasetNotFoundError(EISAMError, FileNotFoundError):
     """The atomic files of a dataset are missing and could not be downloaded."""
+
+
+class NonFiniteLossError(EISAMError):
+    """The training loss became nan or inf; training stopped before the weights were updated."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT / SIGTERM stopped training after a checkpoint to resume from was written.
+
+    A ``KeyboardInterrupt`` so that code which stops on Ctrl-C (the CLI, the benchmark
+    grid) stops here too; ``exit_code`` is the shell's 128 + signal number.
+    """
+
+    def __init__(self, message, exit_code=130, checkpoint=None):
+        super().__init__(message)
+        self.exit_code = exit_code
+        self.checkpoint = checkpoint

@@ -24,12 +24,13 @@ import torch
 from recbole.config import Config
 from recbole.data import create_dataset, data_preparation
 from recbole.data.dataloader import FullSortEvalDataLoader
-from recbole.trainer import Trainer
+from recbole.trainer import Trainer, TraditionalTrainer
 from recbole.utils import get_model, get_trainer, init_logger, init_seed
 
 import recbole_eisam  # noqa: F401  (registers the plugin)
 from recbole_eisam.errors import DatasetNotFoundError, EISAMError
 from recbole_eisam.trainer import EISAMTrainer
+from recbole_eisam.validation import hold_console_log, validate_config, validate_dataset
 
 PROPERTIES_DIR = os.environ.get(
     "RECBOLE_EISAM_PROPERTIES",
@@ -74,6 +75,8 @@ def load_config(model, dataset, config_file_list=None, config_dict=None):
                     f"Model '{model}' is neither a RecBole model nor one of recbole_eisam's (LLMRec)."
                 ) from None
             raise
+        except TypeError as err:  # RecBole's checks of value types (e.g. topk)
+            raise EISAMError(f"A configuration value has the wrong type: {err}.") from None
 
 
 def _atomic_files_present(config):
@@ -100,23 +103,31 @@ def build_dataset(config):
         if present:
             raise
         reason = str(err).strip() or type(err).__name__
+        if "a known dataset name" in reason:  # RecBole has no download URL for this name
+            reason = f"'{config['dataset']}' is not one of them"
+        else:
+            reason = f"the download failed: {reason}"
         raise DatasetNotFoundError(
             f"Dataset '{config['dataset']}' was not found: put its RecBole atomic files "
             f"({config['dataset']}.inter and optionally .item/.user) in "
             f"'{os.path.abspath(config['data_path'])}' or set --data_path to their parent folder "
-            f"(RecBole downloads known datasets there itself when the machine is online; "
-            f"the download failed: {reason})."
+            f"(RecBole downloads known datasets there itself when the machine is online; {reason})."
         ) from None
 
 
 def trainer_class(config):
     """RecBole's trainer for the model, with the plain ``Trainer`` replaced by ``EISAMTrainer``.
 
-    ``EISAMTrainer`` with ``train_method: erm`` trains exactly like RecBole's ``Trainer``;
-    models with a dedicated trainer (knowledge-aware, traditional...) keep it and support
-    ``erm`` only.
+    ``EISAMTrainer`` with ``train_method: erm`` trains exactly like RecBole's ``Trainer``.
+    Traditional models (Pop...) also get it, with one epoch as RecBole's
+    ``TraditionalTrainer`` gives them (their "training" is one counting pass), so their
+    checkpoints are safe too. Models with another dedicated trainer (knowledge-aware...)
+    keep it and support ``erm`` only.
     """
     cls = get_trainer(config["MODEL_TYPE"], config["model"])
+    if cls is TraditionalTrainer:
+        config["epochs"] = 1
+        cls = EISAMTrainer
     if cls is Trainer:
         cls = EISAMTrainer
     method = config["train_method"] or "erm"
@@ -184,6 +195,8 @@ def run(
     saved=True,
     result_file=None,
     save_topk=None,
+    resume=None,
+    nproc=None,
 ):
     """Train ``model`` on ``dataset``, pick the best epoch on validation, evaluate it on test.
 
@@ -195,18 +208,36 @@ def run(
         saved (bool): write the best checkpoint and reload it for the test evaluation.
         result_file (str, optional): also write the returned dict there as JSON.
         save_topk (str, optional): write the test split's top-K lists there as TSV.
+        resume (str, optional): continue training from this checkpoint, e.g. the
+            ``...-resume.safetensors`` an interrupted run wrote (identical to an
+            uninterrupted run, see ``EISAMTrainer.resume_checkpoint``).
+        nproc (int, optional): processes to train with (RecBole's distributed mode, gloo on
+            CPU, NCCL on GPUs); default the config's ``nproc``, else 1. ``world_size``,
+            ``ip``, ``port`` and ``offset`` come from the config (several machines).
+
+    Raises:
+        recbole_eisam.errors.NonFiniteLossError: the loss became nan / inf.
+        recbole_eisam.errors.TrainingInterrupted: SIGINT / SIGTERM during training; the
+            exception names the checkpoint to pass as ``resume``.
 
     Returns:
         dict: ``{"best_valid_result": {...}, "test_result": {...}, "best_valid_score": float,
         "config": {...}}``, metrics keyed by RecBole's names (``ndcg@10``, ``tailndcg@10``...).
     """
     config = load_config(model, dataset, config_file_list, config_dict)
+    validate_config(config)  # bad values and malformed files: one sentence, before any loading
+    nproc = int(nproc or config["nproc"] or 1)
+    if config["single_spec"] and (nproc > 1 or (config["world_size"] or 0) > 1):
+        run_kwargs = dict(model=model, dataset=dataset, config_file_list=config_file_list,
+                          config_dict=config_dict, saved=saved, resume=resume)
+        return _run_processes(nproc, config, run_kwargs, result_file, save_topk)
     init_seed(config["seed"], config["reproducibility"])
     init_logger(config)
     logger = getLogger()
-    logger.info(config)
-
-    data = build_dataset(config)
+    with hold_console_log():  # bad data is reported alone, not after the config dump
+        logger.info(config)
+        data = build_dataset(config)
+        validate_dataset(config, data)
     logger.info(data)
     train_data, valid_data, test_data = data_preparation(config, data)
 
@@ -214,6 +245,13 @@ def run(
     recommender = get_model(config["model"])(config, train_data._dataset).to(config["device"])
     logger.info(recommender)
     trainer = trainer_class(config)(config, recommender)
+    if resume:
+        if not isinstance(trainer, EISAMTrainer):
+            raise EISAMError(
+                f"resume needs EISAMTrainer's safetensors checkpoints, but model '{config['model']}' "
+                f"uses RecBole's {type(trainer).__name__}."
+            )
+        trainer.resume_checkpoint(resume)
 
     best_valid_score, best_valid_result = trainer.fit(
         train_data, valid_data, saved=saved, show_progress=config["show_progress"]
@@ -238,4 +276,103 @@ def run(
             json.dump(result, f, indent=2)
     if save_topk:
         write_topk(trainer, test_data, save_topk)
+    return result
+
+
+# ---------------------------------------------------------------------------- processes
+def _free_port():
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return str(sock.getsockname()[1])
+
+
+def _process_main(rank, run_kwargs, queue):
+    """One process of :func:`_run_processes`: ``run`` with ``local_rank``; reports to ``queue``."""
+    import torch.distributed as dist
+
+    from recbole_eisam.cli import USER_ERRORS
+    from recbole_eisam.errors import TrainingInterrupted
+
+    run_kwargs = dict(run_kwargs, config_dict=dict(run_kwargs["config_dict"], local_rank=rank))
+    if "OMP_NUM_THREADS" not in os.environ:  # as torchrun: the processes share the cores
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // run_kwargs["config_dict"]["nproc"]))
+    try:
+        result = run(**run_kwargs)
+    except TrainingInterrupted as err:
+        queue.put(("interrupted", str(err), err.exit_code, err.checkpoint))
+        sys.exit(err.exit_code)
+    except USER_ERRORS as err:
+        queue.put(("error", type(err).__name__, str(err)))
+        sys.exit(2)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if rank == 0:
+        queue.put(("result", result))
+
+
+def _run_processes(nproc, config, run_kwargs, result_file, save_topk):
+    """``run`` in ``nproc`` spawned processes (RecBole's distributed mode); rank 0's result.
+
+    SIGINT / SIGTERM received here are passed on to the processes, which save a checkpoint
+    to resume from after their current step (together) and exit; the first process's
+    message is raised here as the same exception (``TrainingInterrupted``, ``EISAMError``...).
+    """
+    import signal
+    import threading
+
+    import torch.multiprocessing as mp
+
+    from recbole_eisam.errors import TrainingInterrupted
+
+    if save_topk:
+        raise EISAMError("save_topk needs one process: evaluate the checkpoint again without nproc.")
+    world_size = config["world_size"] if (config["world_size"] or 0) > 0 else nproc
+    port = config["port"] or (_free_port() if world_size == nproc else "5678")
+    overrides = dict(run_kwargs["config_dict"] or {})
+    overrides.update(nproc=nproc, world_size=world_size, ip=config["ip"] or "127.0.0.1", port=str(port),
+                     offset=config["offset"] or 0)
+    queue = mp.get_context("spawn").SimpleQueue()
+    context = mp.start_processes(
+        _process_main, args=(dict(run_kwargs, config_dict=overrides), queue), nprocs=nproc, join=False,
+        start_method="spawn",
+    )
+
+    def forward(signum, frame):
+        for process in context.processes:
+            if process.is_alive():
+                os.kill(process.pid, signum)
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while not context.join():
+            pass
+    except (mp.ProcessRaisedException, mp.ProcessExitedException):
+        reports = []
+        while not queue.empty():
+            reports.append(queue.get())
+        for report in reports:
+            if report[0] == "interrupted":
+                raise TrainingInterrupted(report[1], exit_code=report[2], checkpoint=report[3]) from None
+        for report in reports:
+            if report[0] == "error":
+                kind = {"ValueError": ValueError, "FileNotFoundError": FileNotFoundError}.get(report[1], EISAMError)
+                raise kind(report[2]) from None
+        raise
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, signal.SIG_DFL if old is None else old)
+    result = None
+    while not queue.empty():
+        report = queue.get()
+        if report[0] == "result":
+            result = report[1]
+    if result_file and result is not None:
+        os.makedirs(os.path.dirname(os.path.abspath(result_file)), exist_ok=True)
+        with open(result_file, "w") as f:
+            json.dump(result, f, indent=2)
     return result

@@ -22,6 +22,27 @@ from torch import nn
 CACHE_VERSION = 1
 
 
+def check_item_text_fields(dataset, fields):
+    """Raise a one-sentence ``ValueError`` when a field of ``fields`` is not an item feature."""
+    item_feat = getattr(dataset, "item_feat", None)
+    have = [] if item_feat is None else list(item_feat.columns)
+    name = getattr(dataset, "dataset_name", None) or "dataset"
+    folder = getattr(dataset, "dataset_path", None) or "its data_path"
+    for field in fields:
+        if field in have:
+            continue
+        if item_feat is None:
+            raise ValueError(
+                f"Item text field {field!r} (item_text_fields) cannot be read: dataset {name!r} has "
+                f"no item features (fields []); put a {name}.item file in {folder!r} and load it "
+                f"through load_col: {{item: [...]}}."
+            )
+        raise ValueError(
+            f"Item text field {field!r} (item_text_fields) is not among the dataset's item "
+            f"fields {have}; load it through load_col: {{item: [...]}} or change item_text_fields."
+        )
+
+
 def extract_item_texts(dataset, fields, separator=", "):
     """Text of every internal item id (index 0, the padding item, is ``""``).
 
@@ -32,14 +53,8 @@ def extract_item_texts(dataset, fields, separator=", "):
     """
     if isinstance(fields, str):
         fields = [fields]
-    item_feat = getattr(dataset, "item_feat", None)
-    have = [] if item_feat is None else list(item_feat.columns)
-    for field in fields:
-        if field not in have:
-            raise ValueError(
-                f"Item text field {field!r} (item_text_fields) is not among the dataset's item "
-                f"fields {have}; load it through load_col: {{item: [...]}} or change item_text_fields."
-            )
+    check_item_text_fields(dataset, fields)
+    item_feat = dataset.item_feat
     from recbole.utils import FeatureType
 
     n_items = dataset.item_num

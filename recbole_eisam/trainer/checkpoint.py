@@ -7,15 +7,23 @@ A checkpoint ``<stem>.safetensors`` comes with
   optimizer's param groups and non-tensor state, and RecBole's ``other_parameter``
   when it is JSON-serialisable;
 * ``<stem>.optim.safetensors`` (optional): the optimizer's tensor state
-  (``state.<param index>.<name>``).
+  (``state.<param index>.<name>``);
+* ``<stem>.state.safetensors`` (optional, checkpoints written to resume an interrupted
+  run): random number generator states and the data loader's generator
+  (:func:`rng_state`), described by the sidecar's ``training_state``.
 
-Nothing is ever unpickled: :func:`load_checkpoint` reads safetensors and JSON only.
+Nothing is ever unpickled: :func:`load_checkpoint` reads safetensors and JSON only, and a
+file written by ``torch.save`` or ``pickle`` is refused before any byte of it is
+interpreted. Every file is written to a temporary name and renamed into place, the JSON
+sidecar last, so an interruption while saving leaves the previous checkpoint readable.
 """
 
 import json
 import math
 import os
+import random
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -24,14 +32,57 @@ VERSION = 1
 SUFFIX = ".safetensors"
 
 
-def paths(model_file):
-    """``(tensor file, JSON sidecar, optimizer tensor file)`` of a checkpoint path."""
+def _stem(model_file):
     stem = str(model_file)
     for suffix in (SUFFIX, ".pth", ".json"):
         if stem.endswith(suffix):
-            stem = stem[: -len(suffix)]
-            break
+            return stem[: -len(suffix)]
+    return stem
+
+
+def paths(model_file):
+    """``(tensor file, JSON sidecar, optimizer tensor file)`` of a checkpoint path."""
+    stem = _stem(model_file)
     return stem + SUFFIX, stem + ".json", stem + ".optim" + SUFFIX
+
+
+def state_path(model_file):
+    """The training-state tensor file (RNG states) of a checkpoint path."""
+    return _stem(model_file) + ".state" + SUFFIX
+
+
+def resume_path(model_file):
+    """Where the checkpoint to resume an interrupted run goes, next to ``model_file``."""
+    return _stem(model_file) + "-resume" + SUFFIX
+
+
+#: first bytes of files this module refuses to read: pickle protocols 2-5, torch's zip format
+_PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05", b"PK\x03\x04")
+
+
+def _refuse_pickle(path):
+    """Raise ValueError when ``path`` starts like a pickle or a ``torch.save`` archive."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return
+    if head.startswith(_PICKLE_MAGIC) or str(path).endswith(".pth"):
+        raise ValueError(
+            f"{path} is a pickled file (torch.save / pickle, e.g. a RecBole .pth checkpoint); "
+            "recbole-eisam loads only its own safetensors checkpoints and never unpickles."
+        )
+
+
+def _replace_atomically(path, write):
+    """``write(tmp)`` then rename ``tmp`` to ``path``: readers see the old or the new file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def _tensors_for_safetensors(state):
@@ -78,45 +129,77 @@ def optimizer_from_safe(tensors, meta):
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def save_checkpoint(model_file, tensors, meta, optimizer=None):
-    """Write the tensors (safetensors), the sidecar JSON and optionally the optimizer state."""
+def save_checkpoint(model_file, tensors, meta, optimizer=None, state_tensors=None):
+    """Write the tensors (safetensors), optionally the optimizer state and the training-state
+    tensors, then the sidecar JSON. Each file is replaced atomically."""
     tensor_file, json_file, optim_file = paths(model_file)
+    train_state_file = state_path(model_file)
     os.makedirs(os.path.dirname(os.path.abspath(tensor_file)), exist_ok=True)
     meta = dict(meta, format=FORMAT, version=VERSION)
     if "best_valid_score" in meta:
         meta["best_valid_score"] = _json_float(meta["best_valid_score"])
-    save_file(_tensors_for_safetensors(tensors), tensor_file)
+    files = [(tensor_file, tensors)]
     if optimizer is not None:
         opt_tensors, opt_meta = optimizer_to_safe(optimizer)
-        save_file(_tensors_for_safetensors(opt_tensors), optim_file)
+        files.append((optim_file, opt_tensors))
         meta["optimizer"] = opt_meta
-    elif os.path.exists(optim_file):
-        os.remove(optim_file)
-    with open(json_file, "w") as f:
-        json.dump(meta, f, indent=1, default=str)
+    if state_tensors is not None:
+        files.append((train_state_file, state_tensors))
+    for path, content in files:
+        _replace_atomically(path, lambda tmp, c=content: save_file(_tensors_for_safetensors(c), tmp))
+    for path, wanted in ((optim_file, optimizer is not None), (train_state_file, state_tensors is not None)):
+        if not wanted and os.path.exists(path):
+            os.remove(path)
+
+    def write_json(tmp):
+        with open(tmp, "w") as f:
+            json.dump(meta, f, indent=1, default=str)
+
+    _replace_atomically(json_file, write_json)
     return tensor_file
+
+
+def _load_safetensors(path, device):
+    _refuse_pickle(path)
+    try:
+        return load_file(path, device=str(device))
+    except Exception as err:  # safetensors' own error type: a truncated or foreign file
+        raise ValueError(f"{path} is not a readable safetensors file ({err}).") from None
+
+
+def load_state_tensors(model_file):
+    """The training-state tensors of a checkpoint (:func:`rng_state` ...), ``{}`` if none."""
+    path = state_path(model_file)
+    return _load_safetensors(path, "cpu") if os.path.exists(path) else {}
 
 
 def load_checkpoint(model_file, device="cpu", expect_model=None, expect_dataset=None):
     """Read ``(tensors, meta, optimizer_state_or_None)``; refuse pickles and foreign checkpoints.
 
     Raises:
-        ValueError: for a pickled ``.pth`` file, a file that is not ours, or a checkpoint of
+        ValueError: for a pickle or ``torch.save`` file (whatever its name; detected from its
+            first bytes, never unpickled), a file that is not ours, or a checkpoint of
             another model or dataset than ``expect_model`` / ``expect_dataset``.
     """
     tensor_file, json_file, optim_file = paths(model_file)
+    if os.path.isfile(str(model_file)):  # the file named, whatever its suffix, is never unpickled
+        _refuse_pickle(str(model_file))
     if not (os.path.exists(tensor_file) and os.path.exists(json_file)):
-        if str(model_file).endswith(".pth") and os.path.exists(str(model_file)):
+        if os.path.isfile(str(model_file)) and str(model_file) not in (tensor_file, json_file):
             raise ValueError(
-                f"{model_file} is a pickled RecBole checkpoint; recbole-eisam loads only its "
-                "own safetensors checkpoints (never unpickles). Re-train to get one."
+                f"{model_file} is not a recbole-eisam checkpoint (expected {tensor_file} "
+                f"with {os.path.basename(json_file)} next to it)."
             )
         raise FileNotFoundError(
             f"no checkpoint at {tensor_file} (+ {os.path.basename(json_file)})."
         )
-    with open(json_file) as f:
-        meta = json.load(f)
-    if meta.get("format") != FORMAT:
+    _refuse_pickle(json_file)
+    try:
+        with open(json_file) as f:
+            meta = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{json_file} is not a {FORMAT} sidecar ({err}).") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ValueError(f"{json_file} is not a {FORMAT} sidecar.")
     for key, expected in (("model", expect_model), ("dataset", expect_dataset)):
         if expected is not None and str(meta.get(key)).lower() != str(expected).lower():
@@ -126,9 +209,48 @@ def load_checkpoint(model_file, device="cpu", expect_model=None, expect_dataset=
             )
     if isinstance(meta.get("best_valid_score"), str):
         meta["best_valid_score"] = float(meta["best_valid_score"])
-    tensors = load_file(tensor_file, device=str(device))
+    tensors = _load_safetensors(tensor_file, device)
     opt_state = None
     if "optimizer" in meta:
-        opt_tensors = load_file(optim_file, device=str(device)) if os.path.exists(optim_file) else {}
+        # on the CPU: optimizer.load_state_dict moves each state to its parameter's device
+        # (and keeps Adam's ``step`` on the CPU, where it must stay)
+        opt_tensors = _load_safetensors(optim_file, "cpu") if os.path.exists(optim_file) else {}
         opt_state = optimizer_from_safe(opt_tensors, meta["optimizer"])
     return tensors, meta, opt_state
+
+
+# ---------------------------------------------------------------------------- RNG states
+def rng_state():
+    """The states of every random number generator training draws from, as tensors.
+
+    Python's ``random``, NumPy's global generator, torch's CPU generator and, when CUDA is
+    available, every CUDA device's generator. Floats and integers are stored exactly
+    (float64 / int64), so :func:`set_rng_state` restores bit-identical generators.
+    """
+    version, internal, gauss = random.getstate()
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": torch.tensor(internal, dtype=torch.int64),
+        "python_meta": torch.tensor([version, gauss is not None, gauss or 0.0], dtype=torch.float64),
+        "numpy": torch.from_numpy(keys.astype(np.int64)),
+        "numpy_meta": torch.tensor([pos, has_gauss, cached], dtype=torch.float64),
+    }
+    if torch.cuda.is_available():
+        for index, cuda_state in enumerate(torch.cuda.get_rng_state_all()):
+            state[f"cuda.{index}"] = cuda_state
+    return state
+
+
+def set_rng_state(state):
+    """Restore the generators from :func:`rng_state`'s tensors."""
+    torch.set_rng_state(state["torch"].to(torch.uint8))
+    version, has_gauss, gauss = state["python_meta"].tolist()
+    internal = tuple(int(x) for x in state["python"].tolist())
+    random.setstate((int(version), internal, gauss if has_gauss else None))
+    pos, has_gauss, cached = state["numpy_meta"].tolist()
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), int(pos), int(has_gauss), cached))
+    if torch.cuda.is_available():
+        for index in range(torch.cuda.device_count()):
+            if f"cuda.{index}" in state:
+                torch.cuda.set_rng_state(state[f"cuda.{index}"].to(torch.uint8), index)

@@ -41,19 +41,43 @@ Differences from the literal spec, on purpose:
   (perturbed pass skipped, logged at debug level, counted per epoch). A non-finite norm
   skips the optimizer step (warning).
 * The norm is computed in float32, or in float64 when the parameters are float64.
+
+Reliability (:meth:`EISAMTrainer.fit`):
+
+* A nan or inf loss stops training before the optimizer step with
+  :class:`~recbole_eisam.errors.NonFiniteLossError` naming the epoch and the step; the
+  best checkpoint saved so far is left untouched (a checkpoint of non-finite weights is
+  never written).
+* SIGINT / SIGTERM: the handler only sets a flag; after the current optimizer step (or at
+  the next epoch boundary, e.g. when the signal came during validation) the trainer writes
+  ``<checkpoint>-resume.safetensors`` and raises
+  :class:`~recbole_eisam.errors.TrainingInterrupted`. :meth:`EISAMTrainer.resume_checkpoint`
+  on that file continues bit-identically, see its docstring for how.
+* Multi-process (RecBole's distributed mode, gloo on CPU, NCCL on GPU): every process
+  computes its shard's sums, one all-reduce gives the global M, loss and L_w sums (and
+  the vote to stop), the all-reduced gradients give e and G of the global batch; rank 0
+  alone writes checkpoints; evaluation gathers every process's rows and computes the
+  metrics once (exact, not an average of per-process metrics).
 """
 
+import contextlib
+import itertools
+import json
 import math
 import os
+import signal
+import threading
 from time import time
 
 import torch
 import torch.distributed as dist
 from recbole.trainer import Trainer
 from recbole.utils import set_color
+from torch.nn.parallel import DistributedDataParallel
 from torch.nn.utils.clip_grad import clip_grad_norm_
 from tqdm import tqdm
 
+from recbole_eisam.errors import NonFiniteLossError, TrainingInterrupted
 from recbole_eisam.trainer import checkpoint as ckpt
 from recbole_eisam.trainer.losses import (
     get_head_split,
@@ -152,9 +176,28 @@ class EISAMTrainer(Trainer):
     Checkpoints are safetensors + JSON (:mod:`recbole_eisam.trainer.checkpoint`).
     """
 
+    #: per-row resources of RecBole's collector, gathered over processes by :meth:`evaluate`
+    ROW_KEYS = ("rec.topk", "rec.meanrank", "rec.score", "rec.items", "data.label", "rec.gt_items")
+
     def __init__(self, config, model):
-        super().__init__(config, model)
+        if not config["single_spec"] and config["device"].type != "cuda":
+            # RecBole wraps the model with device_ids=[local_rank], which CPU modules refuse:
+            # build the trainer as for one process, then wrap without device_ids (the
+            # wrapper broadcasts rank 0's parameters; our step all-reduces by itself and
+            # RecBole's plain loop goes through the wrapper)
+            config["single_spec"] = True
+            try:
+                super().__init__(config, model)
+            finally:
+                config["single_spec"] = False
+            self.distributed_model = DistributedDataParallel(self.model)
+        else:
+            super().__init__(config, model)
         self.saved_model_file = ckpt.paths(self.saved_model_file)[0]
+        self._signal = None  # SIGINT / SIGTERM received during fit (set by the handler only)
+        self._stop_vote = False  # the stop flag as all processes agreed on it in the last step
+        self._resume = None  # training state of an interruption checkpoint, until it is used
+        self._epoch_idx, self._epoch_step, self._epoch_generator = None, 0, None
         self.settings = s = resolve_settings(config)
         self.train_method, self.rho = s["train_method"], s["eisam_rho"]
         self.eisam_lambda = s["eisam_lambda"]
@@ -204,6 +247,12 @@ class EISAMTrainer(Trainer):
         return self.item_weight
 
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
+        """RecBole's ``fit`` with SIGINT / SIGTERM turned into a checkpoint to resume from.
+
+        While it runs, SIGINT and SIGTERM only set a flag (the previous handlers are put
+        back afterwards); the flag is looked at after every optimizer step and at every
+        epoch boundary, where :meth:`_interrupt` saves and raises ``TrainingInterrupted``.
+        """
         self.setup_item_weights(train_data.dataset)
         if self.logits_fn is not None and verbose:
             self.logger.info(
@@ -211,7 +260,37 @@ class EISAMTrainer(Trainer):
                 f"weight={self.settings['eisam_weight']}, lambda={self.eisam_lambda:.4g}, rho={self.rho}, "
                 f"reweight_beta={self.settings['reweight_beta']}, logit_adjust_tau={self.tau}"
             )
-        return super().fit(train_data, valid_data, verbose, saved, show_progress, callback_fn)
+        if self._resume is not None and self._resume["finished"]:
+            saved = False  # training had ended: nothing to train, the best checkpoint stays as it is
+        with self._signals_set_flag():
+            result = super().fit(train_data, valid_data, verbose, saved, show_progress, callback_fn)
+            if self._stop_requested():  # a signal during the last validation: training is complete
+                self._interrupt(train_data, self.epochs, 0, finished=True)
+        return result
+
+    @contextlib.contextmanager
+    def _signals_set_flag(self):
+        """SIGINT and SIGTERM set ``self._signal`` (main thread only; elsewhere a no-op)."""
+        self._signal = None
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum, frame):
+            if self._signal is None:
+                self._signal = signum
+
+        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, signal.SIG_DFL if old is None else old)
+
+    def _stop_requested(self):
+        """Whether any process got a signal (one all-reduce in distributed mode)."""
+        flag = torch.tensor([float(self._signal is not None)], device=self.device)
+        return self._all_reduce([flag])[0].item() > 0
 
     # ------------------------------------------------------------------ the EISAM step
     def _losses(self, interaction):
@@ -253,9 +332,8 @@ class EISAMTrainer(Trainer):
             scaler.scale(objective).backward()
             lw_batch = (w * loss).detach().sum()
             loss_sum, lw_sum = loss_sum + objective.detach() + lam * lw_batch, lw_sum + lw_batch
-        m = self._all_reduce([torch.tensor(float(m), device=self.device)])[0].item()
-        loss_sum, lw_sum = float(loss_sum), float(lw_sum)  # one host sync per step
-        self._check_nan(torch.tensor(loss_sum / m))
+        m, loss_sum, lw_sum = self._reduce_step_sums(m, loss_sum, lw_sum)  # one host sync per step
+        self._check_finite(loss_sum / m)
         stats = {"loss": loss_sum / m, "lw": lw_sum / m, "samples": m}
         if perturb:
             g_w = [g.div_(m) for g in self._all_reduce(g_w)]
@@ -364,9 +442,8 @@ class EISAMTrainer(Trainer):
             lw_batch = (w * loss).detach().sum()
             loss_batch = loss.detach().sum() + (0.0 if extra is None else loss.numel() * extra.detach())
             loss_sum, lw_sum = loss_sum + loss_batch, lw_sum + lw_batch
-        m = self._all_reduce([torch.tensor(float(m), device=self.device)])[0].item()
-        loss_sum, lw_sum = float(loss_sum), float(lw_sum)
-        self._check_nan(torch.tensor(loss_sum / m))
+        m, loss_sum, lw_sum = self._reduce_step_sums(m, loss_sum, lw_sum)
+        self._check_finite(loss_sum / m)
         stats = {"loss": loss_sum / m, "lw": lw_sum / m, "samples": m}
         g_w = [g.div_(m) for g in self._all_reduce(g_w)]
         dtype = torch.float64 if head[0].dtype == torch.float64 else torch.float32
@@ -407,6 +484,37 @@ class EISAMTrainer(Trainer):
         scaler.update()
         return stats
 
+    def _reduce_step_sums(self, m, loss_sum, lw_sum):
+        """Global (M, sum of losses, sum of w_j l_j) of a step: one all-reduce in distributed
+        mode, which also carries the vote to stop (:attr:`_stop_vote`), so that every
+        process stops after the same step."""
+        sums = torch.tensor(
+            [float(m), float(loss_sum), float(lw_sum), float(self._signal is not None)],
+            dtype=torch.float64, device=self.device,
+        )
+        m, loss_sum, lw_sum, votes = self._all_reduce([sums])[0].tolist()
+        self._stop_vote = votes > 0
+        return m, loss_sum, lw_sum
+
+    def _check_nan(self, loss):
+        """RecBole's loop calls this once per batch, before ``backward``."""
+        self._epoch_step += 1
+        self._check_finite(float(loss.detach()))
+
+    def _check_finite(self, loss):
+        """Stop training on a nan / inf loss, before the optimizer step that would spread it."""
+        if math.isfinite(loss):
+            return
+        raise NonFiniteLossError(
+            f"Training stopped: the loss is {loss} at epoch {self._epoch_idx}, step {self._epoch_step}; "
+            f"{self._kept_checkpoint()} (a smaller learning_rate or clip_grad_norm may help)."
+        )
+
+    def _kept_checkpoint(self):
+        if os.path.exists(self.saved_model_file):
+            return f"the last good checkpoint {self.saved_model_file} is kept"
+        return "no checkpoint had been saved yet"
+
     def _all_reduce(self, tensors):
         """Sum ``tensors`` in place over processes (DDP): e and G then use the global batch."""
         if self.config["single_spec"] or not tensors:
@@ -434,7 +542,30 @@ class EISAMTrainer(Trainer):
         chunks = [index[i : i + step].tolist() for i in range(0, len(index), step)]
         return (train_data.collate_fn(chunk) for chunk in chunks), len(chunks)
 
+    def _begin_epoch(self, train_data, epoch_idx):
+        """Apply a pending resume state, remember the data order's generator, and stop here
+        when a signal came since the last step (e.g. during validation).
+
+        Returns the resume state when this epoch continues an interrupted one, else None.
+        """
+        self._epoch_idx, self._epoch_step = epoch_idx, 0
+        resume, generator = self._resume, getattr(train_data, "generator", None)
+        if resume is not None and resume["epoch"] == epoch_idx:
+            self._resume = None
+            if generator is not None and resume.get("generator") is not None:
+                generator.set_state(resume["generator"])
+            if resume["step"] == 0:
+                ckpt.set_rng_state(resume["rng"])
+        else:
+            resume = None
+        # the start-of-epoch state of the generator the data loader shuffles with
+        self._epoch_generator = generator.get_state() if generator is not None else None
+        if self._stop_requested():
+            self._interrupt(train_data, epoch_idx, 0)
+        return resume
+
     def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
+        resume = self._begin_epoch(train_data, epoch_idx)
         if self.logits_fn is None or loss_func is not None:  # plain ERM: RecBole's own loop
             return super()._train_epoch(train_data, epoch_idx, loss_func, show_progress)
         if self.item_weight is None:
@@ -443,25 +574,39 @@ class EISAMTrainer(Trainer):
         if not self.config["single_spec"] and train_data.shuffle:
             train_data.sampler.set_epoch(epoch_idx)
         batches, total = self._epoch_batches(train_data, epoch_idx)
-        if show_progress:
-            batches = tqdm(batches, total=total, ncols=100, desc=set_color(f"Train {epoch_idx:>5}", "pink"))
-        scaler = torch.amp.GradScaler("cuda", enabled=self.enable_scaler)
+        batches = iter(batches)  # the data order is drawn here, from the epoch's generator state
         totals = {"loss": 0.0, "lw": 0.0, "sharpness": 0.0, "samples": 0, "skipped": 0, "zero_norm": 0}
-        steps, perturbed, group = 0, 0, []
+        steps, perturbed, group, done = 0, 0, [], 0
+        if resume is not None and resume["step"] > 0:  # continue after the step of the interruption
+            done = min(resume["step"] * self.accumulation, total)
+            for _ in itertools.islice(batches, done):
+                pass
+            ckpt.set_rng_state(resume["rng"])  # after skipping: collating may draw random numbers
+            totals.update(resume["totals"])
+            steps, perturbed = resume["step"], resume["perturbed"]
+        if show_progress:
+            batches = tqdm(batches, total=total, initial=done, ncols=100, desc=set_color(f"Train {epoch_idx:>5}", "pink"))
+        scaler = torch.amp.GradScaler("cuda", enabled=self.enable_scaler)
         start = time()
         for interaction in batches:
             group.append(interaction.to(self.device))
             if len(group) < self.accumulation:
                 continue
+            self._epoch_step = steps + 1
             stats = self._step(group, scaler)
             group, steps, perturbed = [], steps + 1, perturbed + ("sharpness" in stats)
             for key, value in stats.items():
                 totals[key] += value
+            if self._stop_after_step():
+                self._interrupt(train_data, epoch_idx, steps, totals, perturbed)
         if group:
+            self._epoch_step = steps + 1
             stats = self._step(group, scaler)
             steps, perturbed = steps + 1, perturbed + ("sharpness" in stats)
             for key, value in stats.items():
                 totals[key] += value
+            if self._stop_after_step():
+                self._interrupt(train_data, epoch_idx, steps, totals, perturbed)
         self.epoch_stats = {
             "train_loss": totals["loss"],
             "mean_L_w": totals["lw"] / max(steps, 1),
@@ -491,6 +636,73 @@ class EISAMTrainer(Trainer):
         if self.eisam_lambda > 0:
             self._add_train_loss_to_tensorboard(epoch_idx, st["mean_sharpness"], tag="Loss/Train_sharpness")
 
+    def _stop_after_step(self):
+        """After a step: stop if a signal came (in distributed mode: on any process, as voted
+        in the step's all-reduce, so that all processes stop after the same step)."""
+        if self.config["single_spec"]:
+            return self._signal is not None
+        return self._stop_vote
+
+    # ------------------------------------------------------------------ interruption
+    def _is_main_process(self):
+        return self.config["single_spec"] or dist.get_rank() == 0
+
+    def _interrupt(self, train_data, epoch_idx, step, totals=None, perturbed=0, finished=False):
+        """Write the checkpoint to resume from (rank 0), then raise ``TrainingInterrupted``.
+
+        It holds the weights and optimizer state after ``step`` optimizer steps of epoch
+        ``epoch_idx``, the early-stopping state (best valid score and result, the
+        counter, the best checkpoint's path), the epoch's partial statistics, the data
+        loader's generator state at the start of the epoch, the random generators'
+        states now (every process's, in distributed mode), and the state of ``self.scheduler``
+        when a subclass has a learning-rate scheduler (this trainer has none).
+        """
+        path = ckpt.resume_path(self.saved_model_file)
+        rng = ckpt.rng_state()
+        if self.config["single_spec"]:
+            states = {f"rank0.{key}": value for key, value in rng.items()}
+        else:  # every process's generators (they differ: seeded with seed + rank)
+            states = {}
+            for key, value in sorted(rng.items()):
+                value = value.to(self.device)
+                gathered = [torch.empty_like(value) for _ in range(dist.get_world_size())]
+                dist.all_gather(gathered, value)
+                states.update({f"rank{r}.{key}": t.cpu() for r, t in enumerate(gathered)})
+        if self._epoch_generator is not None and not finished:
+            states["generator"] = self._epoch_generator
+        name = signal.Signals(self._signal).name if self._signal else "a signal to another process"
+        state = {
+            "epoch": epoch_idx,
+            "step": step,
+            "finished": finished,
+            "best_valid_result": None if self.best_valid_result is None else {
+                key: float(value) for key, value in self.best_valid_result.items()
+            },
+            "best_model_file": self.saved_model_file,
+            "totals": totals or {},
+            "perturbed": perturbed,
+            "signal": name,
+            "world_size": 1 if self.config["single_spec"] else dist.get_world_size(),
+        }
+        scheduler = getattr(self, "scheduler", None)  # none by default; a subclass may add one
+        if scheduler is not None:
+            state["scheduler"] = json.loads(json.dumps(scheduler.state_dict(), default=lambda o: None))
+        if self._is_main_process():
+            tensors, other_json = self._checkpoint_tensors()
+            meta = self._checkpoint_meta(epoch_idx - 1, other_json)
+            meta["training_state"] = state
+            ckpt.save_checkpoint(path, tensors, meta, self.optimizer, state_tensors=states)
+        if not self.config["single_spec"]:
+            dist.barrier()  # no process exits (and gets the others killed) before the file is complete
+        where = "after its last epoch" if finished else f"at epoch {epoch_idx}, step {step}"
+        self.logger.warning(f"Interrupted by {name} {where}: checkpoint {path} written.")
+        raise TrainingInterrupted(
+            f"Training interrupted by {name} {where}; its state is saved in {path}: continue with "
+            f"--resume={path} and the same other options.",
+            exit_code=128 + int(self._signal or signal.SIGTERM),
+            checkpoint=path,
+        )
+
     # ------------------------------------------------------------------ checkpoints
     def _checkpoint_tensors(self):
         model = self.model
@@ -506,12 +718,8 @@ class EISAMTrainer(Trainer):
                 other_json[key] = value
         return tensors, other_json
 
-    def _save_checkpoint(self, epoch, verbose=True, **kwargs):
-        if not self.config["single_spec"] and self.config["local_rank"] != 0:
-            return
-        saved_model_file = kwargs.pop("saved_model_file", self.saved_model_file)
-        tensors, other_json = self._checkpoint_tensors()
-        meta = {
+    def _checkpoint_meta(self, epoch, other_json):
+        return {
             "model": self.config["model"],
             "dataset": self.config["dataset"],
             "epoch": epoch,
@@ -521,6 +729,21 @@ class EISAMTrainer(Trainer):
             "partial_state_dict": hasattr(self.model, "checkpoint_state_dict"),
             "other_parameter": other_json,
         }
+
+    def _save_checkpoint(self, epoch, verbose=True, **kwargs):
+        """Rank 0 writes the checkpoint; weights that are not finite are never written (every
+        process checks, their weights are the same, so all of them stop together)."""
+        tensors, other_json = self._checkpoint_tensors()
+        bad = [key for key, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        if bad:
+            raise NonFiniteLossError(
+                f"Training stopped: the weights ({bad[0]}) are not finite after epoch {epoch}; "
+                f"{self._kept_checkpoint()} (a smaller learning_rate or clip_grad_norm may help)."
+            )
+        if not self._is_main_process():
+            return
+        saved_model_file = kwargs.pop("saved_model_file", self.saved_model_file)
+        meta = self._checkpoint_meta(epoch, other_json)
         saved_model_file = ckpt.save_checkpoint(saved_model_file, tensors, meta, self.optimizer)
         if verbose:
             self.logger.info(set_color("Saving current", "blue") + f": {saved_model_file}")
@@ -539,15 +762,65 @@ class EISAMTrainer(Trainer):
         return meta, opt_state
 
     def resume_checkpoint(self, resume_file):
+        """Continue training from a checkpoint (safetensors + JSON, nothing unpickled).
+
+        From an interruption checkpoint (``...-resume.safetensors``, see :meth:`_interrupt`)
+        the continued run is bit-identical to an uninterrupted one with the same seed
+        (a test checks the final weights and metrics): weights, optimizer state and the
+        early-stopping state are restored here; then, in the interrupted epoch, the data
+        loader's generator is set back to its state at the start of that epoch, so that
+        the epoch's batch order is drawn again identically, the batches of the steps
+        already taken are skipped (drawn and collated, not trained on), and only then the
+        random generators (python, numpy, torch CPU and CUDA) are set to their states at
+        the interruption, so dropout and any random draw continue where they stopped.
+        In distributed mode every process gets its own generators back (same world size).
+
+        From any other checkpoint of this trainer (a best-model checkpoint), training goes
+        on at the epoch after the saved one, RecBole's semantics, without the random states:
+        that run is not identical to an uninterrupted one.
+        """
+        meta, opt_state = self._load_weights(resume_file)  # refuses pickles, foreign checkpoints
         resume_file = ckpt.paths(resume_file)[0]
-        meta, opt_state = self._load_weights(resume_file)
-        self.saved_model_file = resume_file
-        self.start_epoch = meta["epoch"] + 1
-        self.cur_step = meta["cur_step"]
-        self.best_valid_score = meta["best_valid_score"]
         if opt_state is not None:
             self.optimizer.load_state_dict(opt_state)
-        self.logger.info(f"Checkpoint loaded. Resume training from epoch {self.start_epoch}")
+        self.cur_step = meta["cur_step"]
+        self.best_valid_score = meta["best_valid_score"]
+        state = meta.get("training_state")
+        if state is None:
+            self.saved_model_file = resume_file
+            self.start_epoch = meta["epoch"] + 1
+            self.logger.info(f"Checkpoint loaded. Resume training from epoch {self.start_epoch}")
+            return
+        tensors = ckpt.load_state_tensors(resume_file)
+        rank = 0 if self.config["single_spec"] else dist.get_rank()
+        if f"rank{rank}.torch" not in tensors:
+            self.logger.warning(
+                f"{resume_file} has no random state for process {rank} (written with world size "
+                f"{state['world_size']}); using process 0's: the run is not identical to an uninterrupted one."
+            )
+            rank = 0
+        prefix = f"rank{rank}."
+        rng = {key[len(prefix) :]: value for key, value in tensors.items() if key.startswith(prefix)}
+        self._resume = dict(state, rng=rng, generator=tensors.get("generator"))
+        if state.get("scheduler") is not None and getattr(self, "scheduler", None) is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.best_valid_result = state["best_valid_result"]
+        self.saved_model_file = ckpt.paths(state["best_model_file"])[0]
+        self.start_epoch = self.epochs if state["finished"] else state["epoch"]
+        where = "training had finished" if state["finished"] else f"epoch {state['epoch']}, after step {state['step']}"
+        self.logger.info(f"Checkpoint loaded. Resume training at {where} (best checkpoint: {self.saved_model_file}).")
+
+    def _full_sort_batch_eval(self, batched_data):
+        """RecBole's full-sort scoring, plus ``eval_mask_history``: the items of each user's
+        input sequence are ranked last, as RecBole already does for general models (Pop,
+        BPR...) with their training items. Right for data without repeat consumption
+        (MovieLens ratings); set it to False where users consume an item again."""
+        interaction, scores, positive_u, positive_i = super()._full_sort_batch_eval(batched_data)
+        seq_field = self.config["ITEM_ID_FIELD"] + self.config["LIST_SUFFIX"]
+        if self.config["eval_mask_history"] and seq_field in interaction:
+            seq = interaction[seq_field].to(scores.device)
+            scores.scatter_(1, seq, -math.inf)  # padding id 0 is already -inf
+        return interaction, scores, positive_u, positive_i
 
     def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
         if not eval_data:
@@ -556,4 +829,48 @@ class EISAMTrainer(Trainer):
             checkpoint_file = model_file or self.saved_model_file
             self._load_weights(checkpoint_file)
             self.logger.info(f"Loading model parameters from {ckpt.paths(checkpoint_file)[0]}")
-        return super().evaluate(eval_data, load_best_model=False, show_progress=show_progress)
+        if self.config["single_spec"]:
+            return super().evaluate(eval_data, load_best_model=False, show_progress=show_progress)
+        collector = self.eval_collector
+        get_data_struct = collector.get_data_struct
+        collector.get_data_struct = lambda: self._gather_rows(get_data_struct(), eval_data)
+        try:
+            return super().evaluate(eval_data, load_best_model=False, show_progress=show_progress)
+        finally:
+            del collector.get_data_struct  # back to the class's method
+
+    def _gather_rows(self, struct, eval_data):
+        """Every process's evaluation rows, in the order one process would have them.
+
+        RecBole's DistributedSampler gives rank r the rows r, r + W, r + 2W ... of the N
+        rows, padded by repeating the first ones to a multiple of W; the padding (at most
+        one row per process, its last) is dropped, so the metrics are those of the N rows,
+        computed once, exactly as in one process.
+        """
+        world, rank = dist.get_world_size(), dist.get_rank()
+        n_rows = eval_data.sample_size
+        keep = len(range(rank, n_rows, world))
+        counts = [torch.zeros(1, dtype=torch.int64, device=self.device) for _ in range(world)]
+        dist.all_gather(counts, torch.tensor([keep], dtype=torch.int64, device=self.device))
+        counts = [int(c.item()) for c in counts]
+        order = torch.cat([torch.arange(c) * world + r for r, c in enumerate(counts)])
+        for key in self.ROW_KEYS:
+            if key not in struct:
+                continue
+            local = struct[key][:keep]
+            dtype = local.dtype
+            local = local.to(torch.uint8) if dtype == torch.bool else local
+            padded = local.new_zeros((max(counts),) + tuple(local.shape[1:]))
+            padded[:keep] = local
+            padded = padded.to(self.device)
+            gathered = [torch.empty_like(padded) for _ in range(world)]
+            dist.all_gather(gathered, padded)
+            rows = torch.cat([g[:c].cpu() for g, c in zip(gathered, counts)])
+            ordered = torch.empty_like(rows)
+            ordered[order] = rows
+            struct[key] = ordered.to(dtype)
+        return struct
+
+    def _map_reduce(self, result, num_sample):
+        """RecBole averages per-process metrics; :meth:`evaluate` computed them from all rows."""
+        return result

@@ -1,0 +1,225 @@
+"""Bad input gets one line on stderr naming the key, file or value, and a non-zero exit.
+
+Most cases go through the real command line (``run_recbole_eisam.py`` in a subprocess);
+the pure configuration values and the missing ``gguf`` package (simulated, so in-process)
+go through ``main_guard`` and ``run_recbole_eisam.main``. The missing dataset is covered by
+``tests/test_quick_start.py``.
+"""
+
+import importlib.util
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import write_tiny_dataset
+from recbole_eisam.cli import main_guard
+from recbole_eisam.errors import EISAMError
+from recbole_eisam.validation import check_atomic_file, hold_console_log
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "run_recbole_eisam.py")
+FAST = ["--show_progress=False", "--epochs=1", "--train_batch_size=64", "--eval_batch_size=64",
+        "--hidden_size=8", "--inner_size=16", "--n_layers=1", "--n_heads=1", "--use_gpu=False"]
+
+
+def _script_main():
+    spec = importlib.util.spec_from_file_location("run_recbole_eisam_under_test", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def assert_one_line_error(returncode, stderr, *needles):
+    assert returncode not in (0, None), stderr
+    assert "Traceback" not in stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, stderr[-3000:]
+    assert lines[0].startswith("error: ")
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+def run_cli(args, cwd):
+    proc = subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+    return proc.returncode, proc.stderr
+
+
+def _edit_inter(path, line_number, column, value=None, header=None):
+    """Rewrite line ``line_number`` (1 = header) of an atomic file."""
+    with open(path) as f:
+        lines = f.read().split("\n")
+    if header is not None:
+        lines[0] = header
+    else:
+        fields = lines[line_number - 1].split("\t")
+        fields[column] = value
+        lines[line_number - 1] = "\t".join(fields)
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+
+
+# ------------------------------------------------------------------- through the real CLI
+def _case_eisam_rho(tmp_path):
+    return ["--eisam_rho=0"], ["eisam_rho", "> 0", "0.0"]
+
+
+def _case_topk(tmp_path):
+    return ["--topk=[10,500]"], ["topk 500", "items of dataset 'tiny'"]
+
+
+def _case_empty_tail(tmp_path):
+    return ["--head_ratio=0.99"], ["head_ratio 0.99", "tail set is empty"]
+
+
+def _case_header_without_type(tmp_path):
+    path = str(tmp_path / "data" / "tiny" / "tiny.inter")
+    _edit_inter(path, 1, 0, header="user_id\titem_id:token\trating:float\ttimestamp:float")
+    return [], [path, "line 1", "'user_id'", "name:type"]
+
+
+def _case_header_unknown_type(tmp_path):
+    path = str(tmp_path / "data" / "tiny" / "tiny.inter")
+    _edit_inter(path, 1, 0, header="user_id:token\titem_id:tokn\trating:float\ttimestamp:float")
+    return [], [path, "line 1", "'item_id'", "'tokn'"]
+
+
+def _case_timestamp_not_a_number(tmp_path):
+    path = str(tmp_path / "data" / "tiny" / "tiny.inter")
+    _edit_inter(path, 7, 3, value="abc")
+    return [], [f"{path} line 7: timestamp value 'abc' is not a number."]
+
+
+def _case_llm_path_missing(tmp_path):
+    missing = str(tmp_path / "no_model_here")
+    return ["--model=LLMRec", f"--llm_path={missing}"], ["llm_path", missing]
+
+
+def _case_llm_gguf_file_missing(tmp_path):
+    return ["--model=LLMRec", f"--llm_path={tmp_path}", "--llm_gguf_file=missing.gguf"], [
+        "llm_gguf_file", "'missing.gguf'", str(tmp_path)]
+
+
+def _case_item_text_field_missing(tmp_path):
+    # a folder that passes the model-file check but holds no model: the field must be
+    # reported before any attempt to load the LLM
+    fake = tmp_path / "fake_llm"
+    fake.mkdir()
+    (fake / "config.json").write_text("{}")
+    load_col = "{'inter': ['user_id', 'item_id', 'timestamp'], 'item': ['item_id', 'genre']}"
+    return ["--model=LLMRec", f"--llm_path={fake}", f"--load_col={load_col}", "--item_text_fields=[movie_title]"], [
+        "'movie_title'", "item_text_fields", "['item_id', 'genre']"]
+
+
+CLI_CASES = {
+    "eisam_rho<=0": _case_eisam_rho,
+    "topk>items": _case_topk,
+    "empty_tail": _case_empty_tail,
+    "header_without_type": _case_header_without_type,
+    "header_unknown_type": _case_header_unknown_type,
+    "timestamp_not_a_number": _case_timestamp_not_a_number,
+    "llm_path_missing": _case_llm_path_missing,
+    "llm_gguf_file_missing": _case_llm_gguf_file_missing,
+    "item_text_field_missing": _case_item_text_field_missing,
+}
+
+
+@pytest.mark.parametrize("case", list(CLI_CASES))
+def test_cli_reports_bad_input_in_one_line(case, tiny_data, tmp_path):
+    data_path, name = tiny_data
+    args, needles = CLI_CASES[case](tmp_path)
+    args = ["--model=SASRec", f"--dataset={name}", f"--data_path={data_path}",
+            f"--checkpoint_dir={tmp_path / 'saved'}", *FAST, *args]
+    returncode, stderr = run_cli(args, cwd=tmp_path)
+    assert returncode == 2
+    assert_one_line_error(returncode, stderr, *needles)
+    assert not (tmp_path / "saved").exists()  # nothing was trained
+
+
+def test_debug_shows_the_traceback(tiny_data, tmp_path):
+    data_path, name = tiny_data
+    returncode, stderr = run_cli(["--model=SASRec", f"--dataset={name}", f"--data_path={data_path}",
+                                  "--train_method=foo", "--debug"], cwd=tmp_path)
+    assert returncode != 0
+    assert "Traceback" in stderr and "train_method must be one of" in stderr
+
+
+# ------------------------------------------------------------------------------ in-process
+@pytest.mark.parametrize(
+    "override, needles",
+    [
+        ("--eisam_lambda=-0.5", ["eisam_lambda", ">= 0", "-0.5"]),
+        ("--head_ratio=1.5", ["head_ratio", "(0, 1)", "1.5"]),
+        ("--head_ratio=0", ["head_ratio", "(0, 1)", "got 0"]),
+        ("--train_method=sharp", ["train_method", "'sharp'", "eisam"]),
+        ("--eisam_weight=cubic", ["eisam_weight", "'cubic'", "power"]),
+        ("--eisam_rho=abc", ["eisam_rho", "'abc'"]),
+        ("--topk=abc", ["topk", "abc"]),
+    ],
+)
+def test_bad_values_are_refused_before_loading_data(override, needles, tmp_path, capsys):
+    # an empty data_path: the value must be refused before the (missing) data is looked at
+    argv = ["--model=SASRec", "--dataset=tiny", f"--data_path={tmp_path / 'empty'}", override]
+    code = main_guard(_script_main(), argv)
+    assert_one_line_error(code, capsys.readouterr().err, *needles)
+
+
+def test_gguf_file_without_the_gguf_package(tmp_path, monkeypatch, capsys):
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real(name, *a))
+    argv = ["--model=LLMRec", "--dataset=tiny", f"--data_path={tmp_path / 'empty'}", f"--llm_path={tmp_path / 'm.gguf'}"]
+    code = main_guard(_script_main(), argv)
+    assert_one_line_error(code, capsys.readouterr().err, "'m.gguf'", "gguf package", "pip install gguf")
+
+
+# ------------------------------------------------------------------------------ the pieces
+def test_check_atomic_file_pinpoints_the_line(tmp_path):
+    path = tmp_path / "x.inter"
+    # blank line 3 is kept in the count; line 5 has a bad float_seq entry, line 6 a bad float
+    path.write_text("a:token\tv:float_seq\tb:float\nx\t1 2\t1\n\ny\t3 4\tNA\nz\t5 zz\t2\nw\t6\tq\n")
+    with pytest.raises(EISAMError, match=r"x\.inter line 5: v value 'zz' is not a number\."):
+        check_atomic_file(str(path))
+    # unloaded columns are not checked; empty and NA values are missing values, not errors
+    check_atomic_file(str(path), load_col={"a"})
+    path.write_text("a:token\tb:float\nx\t\ny\tNA\nz\t1e3\n")
+    check_atomic_file(str(path))
+    path.write_text("a:token,b:float\nx,1\n")
+    with pytest.raises(EISAMError, match=r"header column 'a:token,b:float' is not of the form name:type"):
+        check_atomic_file(str(path))
+
+
+def test_hold_console_log_drops_records_on_bad_input_and_replays_them_otherwise(capsys):
+    root = logging.getLogger()
+    handler = logging.StreamHandler(sys.stderr)
+    root.addHandler(handler)
+    level = root.level
+    root.setLevel(logging.INFO)
+    try:
+        with pytest.raises(EISAMError):
+            with hold_console_log():
+                root.info("config dump")
+                raise EISAMError("bad value")
+        assert "config dump" not in capsys.readouterr().err
+        with hold_console_log():
+            root.info("config dump")
+            assert "config dump" not in capsys.readouterr().err
+        assert "config dump" in capsys.readouterr().err
+        with pytest.raises(RuntimeError):  # a bug: the context is printed with it
+            with hold_console_log():
+                root.info("context")
+                raise RuntimeError("bug")
+        assert "context" in capsys.readouterr().err
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+
+
+def test_write_tiny_dataset_is_clean(tmp_path):
+    """The fixture's files pass the checks (no false alarm)."""
+    data_path = write_tiny_dataset(str(tmp_path))
+    for ext in ("inter", "item"):
+        check_atomic_file(os.path.join(data_path, "tiny", f"tiny.{ext}"))
