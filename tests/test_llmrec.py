@@ -291,3 +291,18 @@ def test_real_smollm2_gguf_loads_and_scores_a_batch(llm_config):
     logits, target = model.calculate_logits(batch[:8])
     assert logits.shape == (8, model.n_items) and torch.isfinite(logits).all()
     assert torch.isfinite(model.item_text_emb).all() and model.item_text_emb[1:].abs().sum() > 0
+
+
+def test_user_pooling_mean_is_the_mean_over_real_prompt_tokens(llm_config):
+    model, (train, _, _), _ = build(dict(llm_config, user_pooling="mean"))
+    model.eval()
+    batch = first_batch(train)
+    seq, seq_len = batch[model.ITEM_SEQ], batch[model.ITEM_SEQ_LEN]
+    with torch.no_grad():
+        pooled = model.forward(seq, seq_len)
+        input_ids, attention_mask, lengths = model.build_prompts(seq, seq_len)
+        hidden = model.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    assert (attention_mask.sum(1) == lengths).all() and (lengths < attention_mask.shape[1]).any()
+    for row in range(len(lengths)):
+        expected = hidden[row, : lengths[row]].mean(0)
+        assert torch.allclose(pooled[row], expected, atol=1e-6)

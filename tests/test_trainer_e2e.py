@@ -168,3 +168,20 @@ def test_eisam_with_amp_adam_weight_decay_and_clipping(tiny_config_dict):
     assert math.isfinite(trainer.epoch_stats["mean_sharpness"])
     result = trainer.evaluate(test_data, load_best_model=False)
     assert all(math.isfinite(v) for v in result.values())
+
+
+@pytest.mark.parametrize("mask", [True, False])
+def test_eval_mask_history(tiny_config_dict, mask):
+    """Full ranking ranks the items of the input sequence last only with eval_mask_history."""
+    config, model, train_data, valid_data, test_data = build("SASRec", tiny_config_dict, eval_mask_history=mask)
+    trainer = EISAMTrainer(config, model)
+    trainer.tot_item_num = test_data._dataset.item_num
+    batch = next(iter(test_data))
+    interaction, scores, _, _ = trainer._full_sort_batch_eval(batch)
+    seq = interaction[model.ITEM_SEQ]
+    seen = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, seq, True)
+    seen[:, 0] = False
+    assert seen.any()
+    assert torch.isneginf(scores[:, 0]).all()
+    assert torch.isneginf(scores[seen]).all() == mask
+    assert torch.isfinite(scores[:, 1:][~seen[:, 1:]]).all()  # every other real item keeps its score

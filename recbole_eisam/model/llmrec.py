@@ -80,6 +80,9 @@ class LLMRec(SequentialRecommender):
         self.item_pooling = str(_get(config, "item_pooling", "mean"))
         if self.item_pooling not in ("mean", "last"):
             raise ValueError(f"item_pooling must be 'mean' or 'last', got {self.item_pooling!r}.")
+        self.user_pooling = str(_get(config, "user_pooling", "last"))
+        if self.user_pooling not in ("mean", "last"):
+            raise ValueError(f"user_pooling must be 'mean' or 'last', got {self.user_pooling!r}.")
         self.use_item_id_embedding = bool(_get(config, "item_id_embedding", True))
         self.use_item_bias = bool(_get(config, "item_bias", True))
         self.projection_size = int(_get(config, "projection_size", 64))
@@ -208,6 +211,9 @@ class LLMRec(SequentialRecommender):
         input_ids, attention_mask, lengths = self.build_prompts(item_seq, item_seq_len)
         output = self.backbone(input_ids=input_ids, attention_mask=attention_mask)
         hidden = output.last_hidden_state
+        if self.user_pooling == "mean":  # mean over each prompt's real tokens
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            return ((hidden * mask).sum(1) / mask.sum(1).clamp(min=1)).float()  # [B H]
         hidden = self.gather_indexes(hidden, lengths - 1)  # each prompt's real last token
         return hidden.float()  # [B H]
 
