@@ -8,7 +8,7 @@ import pytest
 from recbole_eisam.bench_speed import main
 from recbole_eisam.cli import main_guard
 
-from test_llmrec import save_tiny_llama
+from test_llmrec import save_tiny_llama, tiny_llm_config
 
 METHODS = ("erm", "sam", "eisam_all", "eisam_head")
 
@@ -67,24 +67,7 @@ def test_sasrec_speed_json_is_the_last_line(tiny_config_dict, capsys, tmp_path):
 
 def test_llmrec_speed_reports_tokens_and_frozen_backbone(tiny_config_dict, capsys, tmp_path):
     llm = save_tiny_llama(tmp_path / "tiny_llama")
-    config = dict(
-        tiny_config_dict,
-        load_col={"inter": ["user_id", "item_id", "timestamp"], "item": ["item_id", "movie_title", "genre"]},
-        item_text_fields=["movie_title"],
-        llm_path=llm,
-        llm_gguf_file=None,
-        llm_num_layers=None,
-        lora_r=4,
-        lora_alpha=8,
-        lora_dropout=0.0,
-        max_history_items=4,
-        max_item_tokens=40,
-        projection_size=16,
-        train_batch_size=16,
-        llm_cache_dir=str(tmp_path / "llm_cache"),
-        metrics=["Hit", "NDCG"],
-        topk=[10],
-    )
+    config = tiny_llm_config(tiny_config_dict, llm, tmp_path / "llm_cache")
     argv = ["--model=LLMRec", "--dataset=tiny", "--steps=2", "--warmup=1", "--threads=1"]
     assert main(argv + _argv(config)) == 0
     result, table = _last_json(capsys)

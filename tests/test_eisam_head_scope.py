@@ -23,74 +23,27 @@ from recbole_eisam import compat
 
 compat.apply()
 
-from recbole.config import Config  # noqa: E402
-from recbole.data import create_dataset, data_preparation  # noqa: E402
 from recbole.data.dataloader import TrainDataLoader  # noqa: E402
-from recbole.utils import get_model, init_seed  # noqa: E402
+from recbole.utils import get_model  # noqa: E402
 
 from recbole_eisam.trainer import EISAMTrainer  # noqa: E402
 from recbole_eisam.trainer.losses import get_head_split, head_split_reason  # noqa: E402
 
-PROPS = ["properties/overall.yaml", "properties/eisam.yaml"]
+import test_eisam_step  # noqa: E402  (its trainer builder and one-step helper)
+
 RHO = 0.5
 E = "item_embedding.weight"
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    from conftest import write_tiny_dataset
-
-    root = tmp_path_factory.mktemp("head")
-    config = Config(
-        model="SASRec",
-        dataset="tiny",
-        config_file_list=PROPS,
-        config_dict={
-            "data_path": write_tiny_dataset(str(root / "data")),
-            "checkpoint_dir": str(root / "saved"),
-            "show_progress": False,
-            "MAX_ITEM_LIST_LENGTH": 10,
-            "hidden_size": 8,
-            "inner_size": 16,
-            "n_layers": 1,
-            "n_heads": 1,
-            "hidden_dropout_prob": 0.0,
-            "attn_dropout_prob": 0.0,
-            "train_batch_size": 100000,  # one full batch
-            "learner": "sgd",
-            "learning_rate": 1.0,
-            "metrics": ["Hit", "NDCG"],
-            "topk": [10],
-            "valid_metric": "NDCG@10",
-            "device": "cpu",
-            "use_gpu": False,
-        },
-    )
-    init_seed(config["seed"], config["reproducibility"])
-    train_data, _, _ = data_preparation(config, create_dataset(config))
-    batch = next(iter(train_data))
-    assert len(batch) == len(train_data.dataset)
-    return config, train_data, batch
+setup = test_eisam_step.setup  # the tiny SASRec, one full batch, SGD lr 1 (a module fixture)
 
 
 def make_trainer(setup, dtype=torch.float32, **keys):
-    config, train_data, _ = setup
-    base = {"train_method": "eisam", "eisam_lambda": 1.0, "eisam_weight": "power", "eisam_rho": RHO,
-            "eisam_scope": "head", "gradient_accumulation_steps": 1, "learning_rate": 1.0,
-            "clip_grad_norm": None, "reweight_beta": None, "logit_adjust_tau": None}
-    for key, value in {**base, **keys}.items():
-        config[key] = value
-    init_seed(config["seed"], True)
-    model = get_model("SASRec")(config, train_data._dataset).to(dtype)
-    trainer = EISAMTrainer(config, model)
-    trainer.setup_item_weights(train_data.dataset)
-    return trainer, model
+    """test_eisam_step's trainer (SGD lr 1, no clipping), with EISAM in head scope by default."""
+    return test_eisam_step.make_trainer(setup, dtype, **{"train_method": "eisam", "eisam_scope": "head", **keys})
 
 
-def one_step(trainer, model, train_data):
-    before = {k: p.detach().clone() for k, p in model.named_parameters()}
-    trainer._train_epoch(train_data, 0)
-    return {k: p.detach() - before[k] for k, p in model.named_parameters()}, before
+one_step = test_eisam_step.one_step
 
 
 # ------------------------------------------------------------------ independent reference
@@ -314,37 +267,9 @@ def test_llmrec_head_step_equals_minus_G(llm_head_config):
 def llm_head_config(tiny_config_dict, tmp_path):
     test_llmrec = pytest.importorskip("test_llmrec")
     folder = test_llmrec.save_tiny_llama(tmp_path / "tiny_llama")
-    return dict(
-        tiny_config_dict,
-        load_col={"inter": ["user_id", "item_id", "timestamp"], "item": ["item_id", "movie_title", "genre"]},
-        item_text_fields=["movie_title"],
-        llm_path=folder,
-        llm_gguf_file=None,
-        llm_num_layers=None,
-        lora_r=4,
-        lora_alpha=8,
-        lora_dropout=0.0,
-        lora_target_modules=["q_proj", "v_proj"],
-        max_history_items=4,
-        max_item_tokens=40,
-        prompt_template="H:{history}\nN:",
-        history_item_template="\n{item}",
-        item_prompt_template="Movie: {item}",
-        projection_size=16,
-        head_dropout=0.0,
-        train_batch_size=32,
-        llm_cache_dir=str(tmp_path / "llm_cache"),
-        train_sample_num=0,
-        learner="sgd",
-        learning_rate=1.0,
-        clip_grad_norm=None,
-        train_method="eisam",
-        eisam_scope="head",
-        eisam_lambda=0.7,
-        eisam_rho=RHO,
-        eisam_weight="power",
-        eisam_alpha=0.5,
-        eisam_c=1.0,
-        metrics=["Hit", "NDCG"],
-        topk=[10],
+    return test_llmrec.tiny_llm_config(
+        tiny_config_dict, folder, tmp_path / "llm_cache",
+        train_batch_size=32, train_sample_num=0, learner="sgd", learning_rate=1.0, clip_grad_norm=None,
+        train_method="eisam", eisam_scope="head", eisam_lambda=0.7, eisam_rho=RHO, eisam_weight="power",
+        eisam_alpha=0.5, eisam_c=1.0,
     )

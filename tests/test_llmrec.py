@@ -82,11 +82,16 @@ def tiny_llm(tmp_path_factory):
 
 @pytest.fixture
 def llm_config(tiny_config_dict, tiny_llm, tmp_path):
-    return dict(
+    return tiny_llm_config(tiny_config_dict, tiny_llm, tmp_path / "llm_cache")
+
+
+def tiny_llm_config(tiny_config_dict, llm_folder, cache_dir, **overrides):
+    """LLMRec on the tiny dataset with the tiny Llama at ``llm_folder``, then ``overrides``."""
+    config = dict(
         tiny_config_dict,
         load_col={"inter": ["user_id", "item_id", "timestamp"], "item": ["item_id", "movie_title", "genre"]},
         item_text_fields=["movie_title"],
-        llm_path=tiny_llm,
+        llm_path=llm_folder,
         llm_gguf_file=None,
         llm_num_layers=None,
         lora_r=4,
@@ -102,11 +107,12 @@ def llm_config(tiny_config_dict, tiny_llm, tmp_path):
         head_dropout=0.0,
         train_batch_size=16,
         eval_batch_size=64,
-        llm_cache_dir=str(tmp_path / "llm_cache"),
+        llm_cache_dir=str(cache_dir),
         train_sample_num=64,
         metrics=["Hit", "NDCG"],
         topk=[10],
     )
+    return {**config, **overrides}
 
 
 def build(config_dict):

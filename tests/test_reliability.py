@@ -16,31 +16,19 @@ from recbole_eisam import compat
 
 compat.apply()
 
-from recbole.config import Config  # noqa: E402
-from recbole.data import create_dataset, data_preparation  # noqa: E402
-from recbole.utils import get_model, init_seed  # noqa: E402
 
 from recbole_eisam.errors import NonFiniteLossError, TrainingInterrupted  # noqa: E402
 from recbole_eisam.trainer import EISAMTrainer  # noqa: E402
 from recbole_eisam.trainer import checkpoint as ckpt  # noqa: E402
 
+import test_trainer_e2e  # noqa: E402  (its build: config, data and model of the tiny dataset)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PROPS = [os.path.join(ROOT, "properties", name) for name in ("overall.yaml", "eisam.yaml")]
 
 
 def build(config_dict, model_name="SASRec", **extra):
     """A fresh config, data, model and trainer, as a new process would build them."""
-    config = Config(
-        model=model_name,
-        dataset="tiny",
-        config_file_list=PROPS,
-        config_dict={**config_dict, "metrics": ["Hit", "NDCG"], "topk": [10], "valid_metric": "NDCG@10", **extra},
-    )
-    init_seed(config["seed"], True)
-    dataset = create_dataset(config)
-    train_data, valid_data, test_data = data_preparation(config, dataset)
-    init_seed(config["seed"], True)
-    model = get_model(model_name)(config, train_data._dataset)
+    config, model, train_data, valid_data, test_data = test_trainer_e2e.build(model_name, config_dict, **extra)
     return EISAMTrainer(config, model), train_data, valid_data, test_data
 
 

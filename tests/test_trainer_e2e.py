@@ -17,7 +17,8 @@ from recbole.utils import get_model, init_seed  # noqa: E402
 
 from recbole_eisam.trainer import TRAIN_METHODS, EISAMTrainer  # noqa: E402
 
-PROPS = ["properties/overall.yaml", "properties/eisam.yaml"]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROPS = [os.path.join(ROOT, "properties", name) for name in ("overall.yaml", "eisam.yaml")]
 
 
 def build(model_name, config_dict, **extra):

@@ -360,6 +360,11 @@ class EISAMTrainer(Trainer):
             else:
                 self.logger.debug("EISAM: ||grad L_w|| = 0, so e = 0 and G = grad L (perturbed pass skipped).")
                 stats["zero_norm"] = 1
+        self._apply_update(params, m, scaler)
+        return stats
+
+    def _apply_update(self, params, m, scaler):
+        """G = (summed .grad, all-reduced over processes) / M, then clipping and the optimizer step."""
         grads = [p.grad for p in params if p.grad is not None]
         for g in self._all_reduce(grads):
             g.div_(m)
@@ -368,7 +373,6 @@ class EISAMTrainer(Trainer):
             clip_grad_norm_(params, **self.clip_grad_norm)
         scaler.step(self.optimizer)
         scaler.update()
-        return stats
 
     def _step(self, batches, scaler):
         """One optimizer step, dispatched on ``eisam_scope`` (head: only when there is a perturbation)."""
@@ -474,14 +478,7 @@ class EISAMTrainer(Trainer):
         kept.clear()
         if perturbed is not None:
             stats["sharpness"] = (float(lw_e_sum) - lw_sum) / m
-        grads = [p.grad for p in params if p.grad is not None]
-        for g in self._all_reduce(grads):
-            g.div_(m)
-        scaler.unscale_(self.optimizer)
-        if self.clip_grad_norm:
-            clip_grad_norm_(params, **self.clip_grad_norm)
-        scaler.step(self.optimizer)
-        scaler.update()
+        self._apply_update(params, m, scaler)
         return stats
 
     def _reduce_step_sums(self, m, loss_sum, lw_sum):

@@ -38,19 +38,17 @@ def _gcsan(model, interaction):
     return logits, target, model.reg_weight * model.reg_loss(model.item_embedding.weight)
 
 
+def _caser_regularizer(model):
+    """Caser's own regulariser, as its ``calculate_loss`` adds it."""
+    weights = [model.user_embedding.weight, model.item_embedding.weight, model.conv_v.weight,
+               model.fc1.weight, model.fc2.weight]
+    return model.reg_weight * model.reg_loss(weights) + model.reg_loss_conv_h()
+
+
 def _caser(model, interaction):
     seq_output = model.forward(interaction[model.USER_ID], interaction[model.ITEM_SEQ])
     logits = torch.matmul(seq_output, model.item_embedding.weight.transpose(0, 1))
-    reg = model.reg_loss(
-        [
-            model.user_embedding.weight,
-            model.item_embedding.weight,
-            model.conv_v.weight,
-            model.fc1.weight,
-            model.fc2.weight,
-        ]
-    )
-    return logits, interaction[model.POS_ITEM_ID], model.reg_weight * reg + model.reg_loss_conv_h()
+    return logits, interaction[model.POS_ITEM_ID], _caser_regularizer(model)
 
 
 def _nextitnet(model, interaction):
@@ -221,16 +219,7 @@ def _split_gcsan(model):
 def _split_caser(model):
     def encode(interaction):
         seq_output = model.forward(interaction[model.USER_ID], interaction[model.ITEM_SEQ])
-        reg = model.reg_loss(
-            [
-                model.user_embedding.weight,
-                model.item_embedding.weight,
-                model.conv_v.weight,
-                model.fc1.weight,
-                model.fc2.weight,
-            ]
-        )
-        return seq_output, interaction[model.POS_ITEM_ID], model.reg_weight * reg + model.reg_loss_conv_h()
+        return seq_output, interaction[model.POS_ITEM_ID], _caser_regularizer(model)
 
     return encode, _dot_item_embedding(model), ["item_embedding.weight"]
 
