@@ -336,9 +336,7 @@ class EISAMTrainer(Trainer):
         self._check_finite(loss_sum / m)
         stats = {"loss": loss_sum / m, "lw": lw_sum / m, "samples": m}
         if perturb:
-            g_w = [g.div_(m) for g in self._all_reduce(g_w)]
-            dtype = torch.float64 if params[0].dtype == torch.float64 else torch.float32
-            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.to(dtype)) for g in g_w]))
+            g_w, dtype, norm = self._global_grad_norm(g_w, m)
             if not torch.isfinite(norm):
                 self.logger.warning(f"EISAM: ||grad L_w|| = {norm.item()} is not finite; step skipped.")
                 self.optimizer.zero_grad(set_to_none=True)
@@ -362,6 +360,14 @@ class EISAMTrainer(Trainer):
                 stats["zero_norm"] = 1
         self._apply_update(params, m, scaler)
         return stats
+
+    def _global_grad_norm(self, g_w, m):
+        """``(g_w, dtype, ||g_w||)``: the summed g_w all-reduced over processes and divided by M,
+        the dtype e is computed in (float64 for float64 weights, else float32) and the norm."""
+        g_w = [g.div_(m) for g in self._all_reduce(g_w)]
+        dtype = torch.float64 if g_w[0].dtype == torch.float64 else torch.float32
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.to(dtype)) for g in g_w]))
+        return g_w, dtype, norm
 
     def _apply_update(self, params, m, scaler):
         """G = (summed .grad, all-reduced over processes) / M, then clipping and the optimizer step."""
@@ -449,9 +455,7 @@ class EISAMTrainer(Trainer):
         m, loss_sum, lw_sum = self._reduce_step_sums(m, loss_sum, lw_sum)
         self._check_finite(loss_sum / m)
         stats = {"loss": loss_sum / m, "lw": lw_sum / m, "samples": m}
-        g_w = [g.div_(m) for g in self._all_reduce(g_w)]
-        dtype = torch.float64 if head[0].dtype == torch.float64 else torch.float32
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.to(dtype)) for g in g_w]))
+        g_w, dtype, norm = self._global_grad_norm(g_w, m)
         if not torch.isfinite(norm):
             self.logger.warning(f"EISAM: ||grad_head L_w|| = {norm.item()} is not finite; step skipped.")
             self.optimizer.zero_grad(set_to_none=True)
