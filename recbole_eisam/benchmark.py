@@ -117,6 +117,12 @@ METHODS = {
         inherit_from="eisam",
         inherit=_inherit_noweight,
     ),
+    "eisam_head": Preset(
+        {"train_method": "eisam", "eisam_scope": "head"},
+        "EISAM with e on the head only (one backbone pass per step), EISAM's tuned values",
+        inherit_from="eisam",
+        inherit=lambda chosen: dict(chosen),
+    ),
     "reweight_only": Preset(
         {"train_method": "reweight"},
         "ablation: EISAM's frequency weighting as loss weights, no sharpness term",
