@@ -1,6 +1,7 @@
 """End to end: every train_method trains and evaluates; checkpoints are safe and exact."""
 
 import copy
+import logging
 import math
 import os
 
@@ -135,7 +136,8 @@ def test_model_without_protocol(tiny_config_dict):
     assert result["hit@10"] > 0
 
 
-def test_train_sample_num(tiny_config_dict):
+def test_train_sample_num(tiny_config_dict, caplog):
+    caplog.set_level(logging.INFO)
     config, model, train_data, valid_data, _ = build(
         "SASRec", tiny_config_dict, train_method="sam", epochs=2, train_sample_num=100
     )
@@ -155,6 +157,8 @@ def test_train_sample_num(tiny_config_dict):
     trainer._train_epoch(train_data, 1)
     second = torch.cat(seen)
     assert len(second) == 100 and not torch.equal(first, second)  # a fresh sample per epoch
+    said = [r.getMessage() for r in caplog.records if "train_sample_num=100" in r.getMessage()]
+    assert len(said) == 1 and f"of the {train_data.sample_size} training sequences" in said[0]
 
 
 def test_eisam_with_amp_adam_weight_decay_and_clipping(tiny_config_dict):

@@ -535,6 +535,12 @@ class EISAMTrainer(Trainer):
         n = self.train_sample_num
         if n <= 0 or n >= size:
             return train_data, len(train_data)
+        if not getattr(self, "_sampling_logged", False):
+            self.logger.info(
+                f"train_sample_num={n}: every epoch trains on a fresh random sample of {n} of the "
+                f"{size} training sequences."
+            )
+            self._sampling_logged = True
         generator = torch.Generator().manual_seed(int(self.config["seed"] or 0) * 1000003 + epoch_idx)
         index = torch.randperm(size, generator=generator)[:n]
         if not self.config["single_spec"]:
