@@ -26,8 +26,8 @@ Resume: a run whose key (dataset, model, method, seed, signature) is already in
 ``results.csv`` (or, for tuning runs, ``tuning.csv``) is not run again; ``signature`` is a
 hash of everything that defines the run except the seed: the full overrides (grid config,
 model config, command-line ``--key=value``, method preset, hyper-parameters) and the
-contents of the YAML files. Stopping the grid (Ctrl-C, a crash) loses at most the run in
-progress. A run that raises is logged to ``<out>/failures.log`` and the grid goes on; it
+contents of the YAML files, the package's defaults for the model and dataset included.
+Stopping the grid (Ctrl-C, a crash) loses at most the run in progress. A run that raises is logged to ``<out>/failures.log`` and the grid goes on; it
 is retried on the next invocation.
 
 Runs are executed in this process one after another: ``quick_start.run`` rebuilds config,
@@ -287,7 +287,11 @@ class RunSpec:
 
     @property
     def signature(self):
-        return signature(self.overrides, self.config_files)
+        """Includes the package's own YAML layers of this model and dataset: a changed
+        default (say properties/model/LLMRec.yaml) is a different run, never resumed."""
+        from recbole_eisam.quick_start import default_config_files
+
+        return signature(self.overrides, default_config_files(self.model, self.dataset) + list(self.config_files))
 
     @property
     def key(self):

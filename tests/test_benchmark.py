@@ -186,3 +186,18 @@ def _write_grid(tmp_path, grid):
     data = {k: getattr(grid, k) for k in ("dataset", "models", "reference_models", "methods", "seeds", "config")}
     path.write_text(yaml.safe_dump(data))
     return str(path)
+
+
+def test_signature_follows_the_packages_default_yaml(tmp_path, monkeypatch):
+    """A changed package default (e.g. properties/model/LLMRec.yaml) makes a new run, not a resumed one."""
+    from recbole_eisam import quick_start
+    from recbole_eisam.benchmark import RunSpec
+
+    layer = tmp_path / "LLMRec.yaml"
+    layer.write_text("epochs: 5\n")
+    monkeypatch.setattr(quick_start, "default_config_files", lambda model, dataset: [str(layer)])
+    spec = RunSpec("ml-100k", "LLMRec", "erm", 1, {}, {"train_method": "erm"}, [], "final")
+    before = spec.signature
+    assert spec.signature == before  # stable
+    layer.write_text("epochs: 10\n")
+    assert spec.signature != before
