@@ -27,8 +27,9 @@ Resume: a run whose key (dataset, model, method, seed, signature) is already in
 hash of everything that defines the run except the seed: the full overrides (grid config,
 model config, command-line ``--key=value``, method preset, hyper-parameters) and the
 contents of the YAML files, the package's defaults for the model and dataset included.
-Stopping the grid (Ctrl-C, a crash) loses at most the run in progress. A run that raises is logged to ``<out>/failures.log`` and the grid goes on; it
-is retried on the next invocation.
+Stopping the grid (Ctrl-C, a crash) loses at most the run in progress. A run that raises
+is logged to ``<out>/failures.log`` and the grid goes on; it is retried on the next
+invocation.
 
 Runs are executed in this process one after another: ``quick_start.run`` rebuilds config,
 data, model and trainer from scratch and re-seeds every RNG, so runs do not leak state into
