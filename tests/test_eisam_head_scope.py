@@ -53,20 +53,7 @@ def f32(x):
     return x.float().to(x.dtype)  # the trainer keeps weight vectors in float32
 
 
-def losses(model, params, e_out, batch, tau=0.0, beta=0.0):
-    """Per-sample CE with the backbone (and the input lookup) at ``params`` and the output
-    layer ``e_out``: logits = forward(params) @ e_out^T."""
-    seq_output = functional_call(model, params, (batch["item_id_list"], batch["item_length"]))
-    logits = seq_output @ e_out.T
-    target = batch["item_id"]
-    n = torch.bincount(target, minlength=logits.size(1)).to(logits.dtype)
-    if tau:
-        logits = logits - tau * f32(torch.log(n.clamp(min=1) / n.sum()))
-    loss = F.cross_entropy(logits, target, reduction="none")
-    if beta:
-        r = n.clamp(min=1) ** -beta
-        loss = loss * f32(r / ((n * r).sum() / n.sum()))[target]
-    return loss
+losses = test_eisam_step.losses  # per-sample CE with the output layer given apart
 
 
 def leaves(params):

@@ -96,10 +96,11 @@ def f32(x):
     return x.float().to(x.dtype)
 
 
-def batch_losses(model, params, batch, tau=0.0, beta=0.0):
-    """Per-sample CE of the batch at ``params`` (optionally logit-adjusted / re-weighted)."""
+def losses(model, params, e_out, batch, tau=0.0, beta=0.0):
+    """Per-sample CE with the backbone (and the input lookup) at ``params`` and the output
+    layer ``e_out``: logits = forward(params) @ e_out^T (optionally logit-adjusted / re-weighted)."""
     seq_output = functional_call(model, params, (batch["item_id_list"], batch["item_length"]))
-    logits = seq_output @ params["item_embedding.weight"].T
+    logits = seq_output @ e_out.T
     target = batch["item_id"]
     n = torch.bincount(target, minlength=logits.size(1)).to(logits.dtype)
     if tau:
@@ -109,6 +110,11 @@ def batch_losses(model, params, batch, tau=0.0, beta=0.0):
         r = n.clamp(min=1) ** -beta
         loss = loss * f32(r / ((n * r).sum() / n.sum()))[target]
     return loss
+
+
+def batch_losses(model, params, batch, tau=0.0, beta=0.0):
+    """Per-sample CE of the batch at ``params`` (tied input / output item embedding)."""
+    return losses(model, params, params["item_embedding.weight"], batch, tau, beta)
 
 
 def grad_of(fn, params):
