@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 from recbole_eisam.errors import EISAMError
+from recbole_eisam.utils.longtail import num_head_items
 
 #: the column types of RecBole's atomic files (``recbole.utils.FeatureType``)
 FEATURE_TYPES = ("token", "token_seq", "float", "float_seq")
@@ -269,7 +270,7 @@ def validate_dataset(config, dataset):
             f"use cut-offs of at most {n_items}."
         )
     head_ratio = float(config["head_ratio"])
-    n_head = math.ceil(head_ratio * n_items)
+    n_head = num_head_items(n_items, head_ratio)
     if n_head >= n_items:
         limit = math.floor((n_items - 1) / n_items * 1e4) / 1e4 if n_items > 1 else None
         advice = (

@@ -12,7 +12,6 @@ E_out for the logits, and perturbs E_out only. Item frequencies come from the ba
 (never the trainer's helpers); the reference uses torch.func.functional_call and autograd.
 """
 
-import math
 
 import pytest
 import torch
@@ -23,7 +22,6 @@ from recbole_eisam import compat
 
 compat.apply()
 
-from recbole.data.dataloader import TrainDataLoader  # noqa: E402
 from recbole.utils import get_model  # noqa: E402
 
 from recbole_eisam.trainer import EISAMTrainer  # noqa: E402
@@ -141,14 +139,9 @@ def test_head_scope_lambda_zero_is_erm(setup):
 
 
 def test_head_step_gradient_accumulation_equals_full_batch(setup):
-    config, train_data, batch = setup
+    _, _, batch = setup
     trainer, model = make_trainer(setup, torch.float64, gradient_accumulation_steps=3)
-    config["train_batch_size"] = math.ceil(len(train_data.dataset) / 3) + 1
-    try:
-        micro = TrainDataLoader(config, train_data.dataset, None, shuffle=True)
-    finally:
-        config["train_batch_size"] = 100000
-    assert len(micro) == 3
+    micro = test_eisam_step.three_micro_batches(setup)
     delta, before = one_step(trainer, model, micro)
     assert trainer.epoch_stats["steps"] == 1
     G = head_G(model, before, batch, power_weights(batch, model.n_items, torch.float64), lam=1.0)

@@ -245,16 +245,23 @@ def test_reweight_and_logit_adjust_methods(setup, method, kw):
     assert rel_err(delta, G) < 1e-10
 
 
-def test_gradient_accumulation_equals_full_batch(setup):
-    config, train_data, batch = setup
-    trainer, model = make_trainer(setup, torch.float64, train_method="eisam", gradient_accumulation_steps=3)
-    n = len(train_data.dataset)
-    config["train_batch_size"] = math.ceil(n / 3) + 1  # 3 micro-batches, the last one smaller
+def three_micro_batches(setup):
+    """The full batch of ``setup`` as a loader of 3 micro-batches, the last one smaller."""
+    config, train_data, _ = setup
+    config["train_batch_size"] = math.ceil(len(train_data.dataset) / 3) + 1
     try:
         micro = TrainDataLoader(config, train_data.dataset, None, shuffle=True)
     finally:
         config["train_batch_size"] = 100000
     assert len(micro) == 3
+    return micro
+
+
+def test_gradient_accumulation_equals_full_batch(setup):
+    config, train_data, batch = setup
+    trainer, model = make_trainer(setup, torch.float64, train_method="eisam", gradient_accumulation_steps=3)
+    n = len(train_data.dataset)
+    micro = three_micro_batches(setup)
     delta, before = one_step(trainer, model, micro)
     assert trainer.epoch_stats["steps"] == 1 and trainer.epoch_stats["samples"] == n
     G = sharpness_G(model, before, batch, power_weights(batch, model.n_items), lam=1.0)

@@ -203,6 +203,7 @@ class EISAMTrainer(Trainer):
         self.eisam_lambda = s["eisam_lambda"]
         self.tau, self.accumulation = s["logit_adjust_tau"], s["gradient_accumulation_steps"]
         self.train_sample_num = s["train_sample_num"]
+        self._sampling_logged = False  # the log says once per trainer that epochs are sampled
         self.amp_dtype = getattr(torch, s["amp_dtype"])
         self.logits_fn = get_logits_fn(self.model)
         reason = unsupported_reason(self.model)
@@ -535,7 +536,7 @@ class EISAMTrainer(Trainer):
         n = self.train_sample_num
         if n <= 0 or n >= size:
             return train_data, len(train_data)
-        if not getattr(self, "_sampling_logged", False):
+        if not self._sampling_logged:
             self.logger.info(
                 f"train_sample_num={n}: every epoch trains on a fresh random sample of {n} of the "
                 f"{size} training sequences."

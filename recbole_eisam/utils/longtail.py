@@ -31,6 +31,11 @@ def item_counts(dataset, num_items=None):
     return counts
 
 
+def num_head_items(num_real, head_ratio):
+    """Size of the head: ``ceil(head_ratio * |I|)`` of the ``num_real`` real items."""
+    return math.ceil(float(head_ratio) * num_real)
+
+
 def head_item_mask(counts, head_ratio):
     """Boolean mask over internal item ids, ``True`` for head items (padding id 0 is never head).
 
@@ -42,7 +47,7 @@ def head_item_mask(counts, head_ratio):
         raise ValueError(f"head_ratio must be in (0, 1), got {head_ratio}.")
     counts = torch.as_tensor(counts).long().cpu()
     num_real = counts.numel() - 1
-    num_head = math.ceil(float(head_ratio) * num_real)
+    num_head = num_head_items(num_real, head_ratio)
     ids = torch.arange(1, counts.numel())
     # sort by count descending, then id ascending: a stable sort on -count keeps id order
     order = torch.sort(-counts[1:], stable=True).indices
