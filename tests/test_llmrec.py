@@ -312,3 +312,39 @@ def test_user_pooling_mean_is_the_mean_over_real_prompt_tokens(llm_config):
     for row in range(len(lengths)):
         expected = hidden[row, : lengths[row]].mean(0)
         assert torch.allclose(pooled[row], expected, atol=1e-6)
+
+
+def test_item_id_tokens_mark_each_history_items_tokens(llm_config):
+    model, _, _ = build(llm_config)
+    seq = torch.zeros(2, 10, dtype=torch.long)
+    seq[0, :6] = torch.tensor([5, 6, 7, 8, 9, 10])
+    seq[1, :2] = torch.tensor([3, 4])
+    ids, mask, lengths, owners = model.prompt_builder(seq, torch.tensor([6, 2]), return_items=True)
+    assert torch.equal((ids, mask, lengths)[0], model.build_prompts(seq, torch.tensor([6, 2]))[0])
+    n_prefix = model.prompt_builder.prefix_ids.numel()
+    n_suffix = model.prompt_builder.suffix_ids.numel()
+    lens = model.prompt_builder.item_token_len
+    for row, hist in enumerate([[7, 8, 9, 10], [3, 4]]):
+        expected = [0] * n_prefix + [i for i in hist for _ in range(int(lens[i]))] + [0] * n_suffix
+        assert owners[row, : lengths[row]].tolist() == expected
+        assert (owners[row, lengths[row]:] == 0).all()
+        # each marked token is one of its item's cached tokens, in order
+        marked = ids[row][owners[row] > 0].tolist()
+        assert marked == sum((model.prompt_builder.item_token_ids[i, : lens[i]].tolist() for i in hist), [])
+
+
+def test_item_id_tokens_start_as_the_text_prompt_then_learn(llm_config):
+    plain, (train, _, _), _ = build(llm_config)
+    model, _, _ = build(dict(llm_config, item_id_tokens=True))
+    model.load_state_dict(plain.state_dict(), strict=False)
+    plain.eval(), model.eval()
+    batch = first_batch(train)
+    seq, seq_len = batch[model.ITEM_SEQ], batch[model.ITEM_SEQ_LEN]
+    with torch.no_grad():
+        assert torch.allclose(model.forward(seq, seq_len), plain.forward(seq, seq_len), atol=1e-6)
+    model.train()
+    model.calculate_loss(batch).backward()
+    assert model.history_id_proj.weight.grad.abs().sum() > 0  # the zero map gets a gradient
+    names = {n for n, _ in model.named_head_parameters()}
+    assert not any(n.startswith("history_id") for n in names)  # backbone side: head scope leaves it alone
+    assert {"history_id_embedding.weight", "history_id_proj.weight"} <= set(model.checkpoint_state_dict())

@@ -164,22 +164,31 @@ class PromptBuilder(nn.Module):
         items = item_seq.gather(1, pos.clamp(0, item_seq.size(1) - 1))
         return items * valid
 
-    def forward(self, item_seq, item_seq_len):
-        """``(input_ids, attention_mask, lengths)`` of the batch's prompts (right-padded)."""
+    def forward(self, item_seq, item_seq_len, return_items=False):
+        """``(input_ids, attention_mask, lengths)`` of the batch's prompts (right-padded).
+
+        With ``return_items``, a fourth tensor ``[B, L]`` gives the item id each token
+        belongs to (0 for the template's own tokens and for padding).
+        """
         hist = self.history(item_seq, item_seq_len)  # [B, h]
         B = hist.size(0)
         tok = self.item_token_ids[hist]  # [B, h, T]
         T = tok.size(-1)
         tmask = torch.arange(T, device=hist.device).view(1, 1, T) < self.item_token_len[hist].unsqueeze(-1)
         pieces = [tok.reshape(B, -1)]
+        owners = [hist.unsqueeze(-1).expand(-1, -1, T).reshape(B, -1)]
         masks = [tmask.reshape(B, -1)]
-        if self.prefix_ids.numel():
-            pieces.insert(0, self.prefix_ids.expand(B, -1))
-            masks.insert(0, torch.ones(B, self.prefix_ids.numel(), dtype=torch.bool, device=hist.device))
-        if self.suffix_ids.numel():
-            pieces.append(self.suffix_ids.expand(B, -1))
-            masks.append(torch.ones(B, self.suffix_ids.numel(), dtype=torch.bool, device=hist.device))
-        return pack_right(pieces, masks)
+        for ids, at_start in ((self.prefix_ids, True), (self.suffix_ids, False)):
+            if ids.numel():
+                where = 0 if at_start else len(pieces)
+                pieces.insert(where, ids.expand(B, -1))
+                owners.insert(where, torch.zeros(B, ids.numel(), dtype=hist.dtype, device=hist.device))
+                masks.insert(where, torch.ones(B, ids.numel(), dtype=torch.bool, device=hist.device))
+        packed = pack_right(pieces, masks)
+        if not return_items:
+            return packed
+        items, _, _ = pack_right(owners, masks)  # same masks, so the same token order
+        return packed + (items,)
 
     def decode(self, tokenizer, input_ids, lengths):
         """The prompt texts of a batch (for logs and tests)."""

@@ -160,6 +160,7 @@ def load_backbone(
     num_layers=None,
     trust_remote_code=False,
     gradient_checkpointing=False,
+    attn_implementation=None,
     lora_r=8,
     lora_alpha=16,
     lora_dropout=0.05,
@@ -180,6 +181,8 @@ def load_backbone(
     if gguf_file is not None:
         kwargs["gguf_file"] = gguf_file
     tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
+    if attn_implementation:
+        kwargs["attn_implementation"] = str(attn_implementation)
     model = AutoModel.from_pretrained(folder, dtype=torch_dtype, **kwargs)
     kept = keep_first_layers(model, num_layers)
     model.requires_grad_(False)

@@ -37,8 +37,9 @@ def _get(config, key, default):
 
 
 class LLMRec(SequentialRecommender):
-    r"""LLMRec renders the user's history as a text prompt, reads the LLM's hidden state at
-    the prompt's last token and scores all items against an item representation matrix.
+    r"""LLMRec renders the user's history as a text prompt, pools the LLM's hidden states
+    (``user_pooling``: the mean over the prompt's tokens, or its last token) and scores all
+    items against an item representation matrix.
 
     * Backbone (:meth:`encode_sequence`): a local Hugging Face / GGUF causal LM (default
       SmolLM2-135M-Instruct), cut to its first ``llm_num_layers`` decoder layers, frozen,
@@ -46,7 +47,10 @@ class LLMRec(SequentialRecommender):
       ``max_history_items`` item texts, oldest first and newest last; the target item is
       never part of it (RecBole's ``ITEM_SEQ`` holds only the items before it). Prompts are
       assembled from token ids cached per item and right-padded, so the read hidden state is
-      each prompt's real last token.
+      each prompt's real last token. With ``item_id_tokens`` each history item's tokens also
+      carry a trainable embedding of the item's ID mapped into the token-embedding space
+      (collaborative tokens, as CoLLM and LLaRA put ID embeddings into the prompt); the map
+      starts at zero, so training starts from the text prompt alone.
     * Head (:meth:`score`): ``user = W_u LN(h)`` and, for every item ``i``,
       ``item_i = W_i e_i (+ E[i])`` where ``e_i`` is the frozen base model's mean-pooled
       encoding of the item text (computed once, cached on disk) and ``E`` an optional
@@ -56,7 +60,7 @@ class LLMRec(SequentialRecommender):
       per-sample logits that EISAM's per-sample losses are built from.
 
     NOTE:
-        Only the LoRA adapters and the head are trainable; :meth:`checkpoint_state_dict`
+        Only the LoRA adapters, the ID tokens' embedding and map, and the head are trainable; :meth:`checkpoint_state_dict`
         returns exactly those tensors, so a checkpoint is megabytes, not the whole LLM.
     """
 
@@ -85,6 +89,7 @@ class LLMRec(SequentialRecommender):
             raise ValueError(f"user_pooling must be 'mean' or 'last', got {self.user_pooling!r}.")
         self.use_item_id_embedding = bool(_get(config, "item_id_embedding", True))
         self.use_item_bias = bool(_get(config, "item_bias", True))
+        self.use_item_id_tokens = bool(_get(config, "item_id_tokens", False))
         self.projection_size = int(_get(config, "projection_size", 64))
         self.head_dropout_prob = float(_get(config, "head_dropout", 0.1))
         self.show_progress = bool(_get(config, "show_progress", False))
@@ -106,6 +111,7 @@ class LLMRec(SequentialRecommender):
             num_layers=config["llm_num_layers"] if "llm_num_layers" in config else None,
             trust_remote_code=bool(_get(config, "trust_remote_code", False)),
             gradient_checkpointing=bool(_get(config, "gradient_checkpointing", False)),
+            attn_implementation=_get(config, "llm_attn_implementation", None),
             lora_r=int(_get(config, "lora_r", 8)),
             lora_alpha=float(_get(config, "lora_alpha", 16)),
             lora_dropout=float(_get(config, "lora_dropout", 0.05)),
@@ -124,9 +130,8 @@ class LLMRec(SequentialRecommender):
         )
 
         # item representations: the frozen base model's encoding of each item text (cached)
-        encodings, self.item_cache_path, self.item_cache_hit = self._item_encodings(
-            int(_get(config, "item_encode_batch_size", 128))
-        )
+        self.item_encode_batch_size = int(_get(config, "item_encode_batch_size", 128))
+        encodings, self.item_cache_path, self.item_cache_hit = self._item_encodings(self.item_encode_batch_size)
         real = encodings[1:]
         center = real.mean(0, keepdim=True)
         scale = (real - center).pow(2).sum(1).mean().sqrt().clamp(min=1e-6)
@@ -146,6 +151,17 @@ class LLMRec(SequentialRecommender):
                 self.item_embedding.weight[0].zero_()
         else:
             self.item_embedding = None
+        if self.use_item_id_tokens:
+            # collaborative input: each history item's tokens also get a trainable embedding
+            # of the item's ID, mapped into the LLM's token-embedding space. The map starts at
+            # zero, so training starts from the plain text prompt. Backbone side: it changes
+            # what the LLM reads, so head scope never perturbs it.
+            self.history_id_embedding = nn.Embedding(self.n_items, self.projection_size, padding_idx=0)
+            nn.init.normal_(self.history_id_embedding.weight, std=0.02)
+            with torch.no_grad():
+                self.history_id_embedding.weight[0].zero_()
+            self.history_id_proj = nn.Linear(self.projection_size, self.hidden_size, bias=False)
+            nn.init.zeros_(self.history_id_proj.weight)
         if self.use_item_bias:
             # output bias initialised to the log prior of the training split ("init well"):
             # training starts from popularity and learns the personal part on top of it
@@ -208,8 +224,14 @@ class LLMRec(SequentialRecommender):
         return self.prompt_builder(item_seq, item_seq_len)
 
     def forward(self, item_seq, item_seq_len):
-        input_ids, attention_mask, lengths = self.build_prompts(item_seq, item_seq_len)
-        output = self.backbone(input_ids=input_ids, attention_mask=attention_mask)
+        if self.use_item_id_tokens:
+            input_ids, attention_mask, lengths, owners = self.prompt_builder(item_seq, item_seq_len, return_items=True)
+            embeds = self.backbone.get_input_embeddings()(input_ids)
+            ids = self.history_id_proj(self.history_id_embedding(owners))  # 0 on template and padding tokens
+            output = self.backbone(inputs_embeds=embeds + ids.to(embeds.dtype), attention_mask=attention_mask)
+        else:
+            input_ids, attention_mask, lengths = self.build_prompts(item_seq, item_seq_len)
+            output = self.backbone(input_ids=input_ids, attention_mask=attention_mask)
         hidden = output.last_hidden_state
         if self.user_pooling == "mean":  # mean over each prompt's real tokens
             mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
