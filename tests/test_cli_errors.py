@@ -158,6 +158,8 @@ def test_debug_shows_the_traceback(tiny_data, tmp_path):
         ("--eisam_weight=cubic", ["eisam_weight", "'cubic'", "power"]),
         ("--eisam_rho=abc", ["eisam_rho", "'abc'"]),
         ("--topk=abc", ["topk", "abc"]),
+        ("--lr_scheduler=step", ["lr_scheduler", "'step'", "cosine"]),
+        ("--lr_warmup_steps=-3", ["lr_warmup_steps", "integer >= 0", "-3"]),
     ],
 )
 def test_bad_values_are_refused_before_loading_data(override, needles, tmp_path, capsys):

@@ -90,6 +90,8 @@ def test_signal_then_resume_is_identical_to_an_uninterrupted_run(tiny_config_dic
     """3 epochs of SASRec + EISAM (dropout on) on CPU: uninterrupted (A) == interrupted by a
     signal (B) and resumed in a fresh trainer (C), to the last bit of every weight and metric."""
     settings = dict(train_method="eisam", epochs=3, stopping_step=10)
+    if where == "step":  # the learning-rate schedule's position is part of the resumed state
+        settings.update(lr_scheduler="cosine", lr_warmup_steps=2)
     # A: uninterrupted
     trainer_a, train_a, valid_a, test_a = build(tiny_config_dict, checkpoint_dir=str(tmp_path / "a"), **settings)
     best_a = trainer_a.fit(train_a, valid_a, saved=True)
@@ -144,6 +146,7 @@ def test_signal_then_resume_is_identical_to_an_uninterrupted_run(tiny_config_dic
     test_result_c = trainer_c.evaluate(test_c, load_best_model=True)
     assert test_result_c == test_result_a
     assert trainer_c.epoch_stats["samples"] == trainer_a.epoch_stats["samples"]
+    assert trainer_c.optimizer.param_groups[0]["lr"] == trainer_a.optimizer.param_groups[0]["lr"]
 
 
 class MarkerPayload:

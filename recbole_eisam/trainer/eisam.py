@@ -112,7 +112,10 @@ DEFAULTS = {  # used when a key is absent from the config (properties/eisam.yaml
     "gradient_accumulation_steps": 1,
     "amp_dtype": "bfloat16",
     "head_ratio": 0.2,
+    "lr_scheduler": "constant",
+    "lr_warmup_steps": 0,
 }
+LR_SCHEDULERS = ("constant", "linear", "cosine")
 
 
 def resolve_settings(config):
@@ -150,7 +153,10 @@ def resolve_settings(config):
             raise ValueError(f"{key} must be a finite number >= 0, got {s[key]}.")
         if method == name and s[key] == 0:
             raise ValueError(f"train_method={name} needs {key} > 0 (leave it ~ for the default 1).")
-    for key, low in (("train_sample_num", 0), ("gradient_accumulation_steps", 1)):
+    s["lr_scheduler"] = str(s["lr_scheduler"]).lower()
+    if s["lr_scheduler"] not in LR_SCHEDULERS:
+        raise ValueError(f"lr_scheduler must be one of {', '.join(LR_SCHEDULERS)}, got {s['lr_scheduler']!r}.")
+    for key, low in (("train_sample_num", 0), ("gradient_accumulation_steps", 1), ("lr_warmup_steps", 0)):
         if int(s[key]) != s[key] or int(s[key]) < low:
             raise ValueError(f"{key} must be an integer >= {low}, got {s[key]}.")
         s[key] = int(s[key])
@@ -229,6 +235,35 @@ class EISAMTrainer(Trainer):
             )
         self.item_weight = self.loss_weight = self.log_prior = self.item_count = None
         self.epoch_stats = {}
+        # learning-rate schedule over all optimizer steps of the run (known once fit() sees the data)
+        self.total_steps = None
+        self.scheduler = None
+        if s["lr_scheduler"] != "constant" or s["lr_warmup_steps"] > 0:
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_factor)
+
+    def lr_factor(self, step):
+        """The learning rate's factor after ``step`` optimizer steps: a linear warm-up over
+        ``lr_warmup_steps``, then constant, or a linear / cosine decay to 0 at the last step."""
+        s = self.settings
+        warmup = s["lr_warmup_steps"]
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if s["lr_scheduler"] == "constant" or not self.total_steps:
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, self.total_steps - warmup))
+        if s["lr_scheduler"] == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    def steps_per_epoch(self, train_data):
+        """Optimizer steps in one epoch of ``train_data`` (this process's share of the sample)."""
+        n = train_data.sample_size
+        if 0 < self.train_sample_num < n:
+            n = self.train_sample_num
+        if not self.config["single_spec"]:
+            n = len(range(self.config["local_rank"], n, self.config["world_size"]))
+        batches = math.ceil(n / train_data.step)
+        return math.ceil(batches / self.accumulation)
 
     # ------------------------------------------------------------------ weights from data
     def setup_item_weights(self, train_dataset):
@@ -255,6 +290,8 @@ class EISAMTrainer(Trainer):
         epoch boundary, where :meth:`_interrupt` saves and raises ``TrainingInterrupted``.
         """
         self.setup_item_weights(train_data.dataset)
+        if self.scheduler is not None:
+            self.total_steps = self.epochs * self.steps_per_epoch(train_data)
         if self.logits_fn is not None and verbose:
             self.logger.info(
                 set_color("EISAM", "green") + f": train_method={self.train_method}, "
@@ -380,6 +417,8 @@ class EISAMTrainer(Trainer):
             clip_grad_norm_(params, **self.clip_grad_norm)
         scaler.step(self.optimizer)
         scaler.update()
+        if self.scheduler is not None:
+            self.scheduler.step()
 
     def _step(self, batches, scaler):
         """One optimizer step, dispatched on ``eisam_scope`` (head: only when there is a perturbation)."""
@@ -663,7 +702,7 @@ class EISAMTrainer(Trainer):
         counter, the best checkpoint's path), the epoch's partial statistics, the data
         loader's generator state at the start of the epoch, the random generators'
         states now (every process's, in distributed mode), and the state of ``self.scheduler``
-        when a subclass has a learning-rate scheduler (this trainer has none).
+        when there is a learning-rate scheduler (``lr_scheduler``).
         """
         path = ckpt.resume_path(self.saved_model_file)
         rng = ckpt.rng_state()
@@ -692,7 +731,7 @@ class EISAMTrainer(Trainer):
             "signal": name,
             "world_size": 1 if self.config["single_spec"] else dist.get_world_size(),
         }
-        scheduler = getattr(self, "scheduler", None)  # none by default; a subclass may add one
+        scheduler = getattr(self, "scheduler", None)  # none unless lr_scheduler / lr_warmup_steps ask for one
         if scheduler is not None:
             state["scheduler"] = json.loads(json.dumps(scheduler.state_dict(), default=lambda o: None))
         if self._is_main_process():
