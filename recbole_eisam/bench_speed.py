@@ -350,8 +350,13 @@ def bench(
         torch.set_num_threads(default_threads)  # the process's setting, for whatever runs next
 
 
-def _bench(model_name, dataset_name, config_file_list, config_dict, steps, warmup, rounds, methods, evaluate):
-    import torch
+def setup(model_name, dataset_name, config_file_list, config_dict, n_steps):
+    """Config, data and model as :func:`recbole_eisam.quick_start.run` builds them, plus the
+    first ``n_steps`` training steps' batches (on the device) and a snapshot of the weights.
+
+    Returns:
+        tuple: ``(config, model, train_data, test_data, groups, snapshot)``.
+    """
     from recbole.data import data_preparation
     from recbole.utils import get_model, init_seed
 
@@ -363,12 +368,23 @@ def _bench(model_name, dataset_name, config_file_list, config_dict, steps, warmu
     train_data, _, test_data = data_preparation(config, dataset)
     init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
     model = get_model(config["model"])(config, train_data._dataset).to(config["device"])
+    snapshot = _TrainableSnapshot(model)
+    init_seed(config["seed"], config["reproducibility"])
+    accumulation = int(config["gradient_accumulation_steps"] or 1)
+    groups = _fixed_steps(train_data, n_steps, accumulation, config["device"])
+    return config, model, train_data, test_data, groups, snapshot
+
+
+def _bench(model_name, dataset_name, config_file_list, config_dict, steps, warmup, rounds, methods, evaluate):
+    import torch
+    from recbole.utils import init_seed
+
+    config, model, train_data, test_data, groups, snapshot = setup(
+        model_name, dataset_name, config_file_list, config_dict, warmup + steps
+    )
     device = config["device"]
     params = _param_stats(model)
-    snapshot = _TrainableSnapshot(model)
     accumulation = int(config["gradient_accumulation_steps"] or 1)
-    init_seed(config["seed"], config["reproducibility"])
-    groups = _fixed_steps(train_data, warmup + steps, accumulation, device)
     timed = groups[warmup:]
     samples_per_step = statistics.mean(sum(len(b) for b in g) for g in timed)
     tokens = [_prompt_tokens(model, g) for g in timed]
