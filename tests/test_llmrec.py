@@ -236,7 +236,8 @@ def test_checkpoint_roundtrip_gives_identical_scores_and_is_small(llm_config, tm
     sd = model.checkpoint_state_dict()
     keys = set(model.state_dict())
     assert set(sd) <= keys
-    assert all("lora_" in k or k.split(".")[0] in LLMRec.HEAD_MODULES for k in sd)
+    assert all("lora_" in k or k.split(".")[0] in LLMRec.HEAD_MODULES or k.startswith("history_id_") for k in sd)
+    assert any(k.startswith("history_id_") for k in sd)  # the ID tokens (on by default) are saved too
     assert not any("item_text_emb" in k or "embed_tokens" in k for k in sd)
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     assert sum(t.numel() for t in sd.values()) < frozen / 2
@@ -334,7 +335,8 @@ def test_item_id_tokens_mark_each_history_items_tokens(llm_config):
 
 
 def test_item_id_tokens_start_as_the_text_prompt_then_learn(llm_config):
-    plain, (train, _, _), _ = build(llm_config)
+    plain, (train, _, _), _ = build(dict(llm_config, item_id_tokens=False))
+    assert not hasattr(plain, "history_id_proj")
     model, _, _ = build(dict(llm_config, item_id_tokens=True))
     model.load_state_dict(plain.state_dict(), strict=False)
     plain.eval(), model.eval()

@@ -292,18 +292,23 @@ class LLMRec(SequentialRecommender):
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint_state_dict(self):
-        """Trainable tensors only (LoRA adapters, head), keyed like :meth:`state_dict`."""
+        """Trainable tensors only (LoRA adapters, ID tokens, head), keyed like :meth:`state_dict`."""
         return {n: p.detach().cpu().clone() for n, p in self.named_parameters() if p.requires_grad}
 
     def save_pretrained(self, directory):
-        """Write the LoRA adapter in PEFT format (``adapter/``) and the head as safetensors."""
+        """Write the LoRA adapter in PEFT format (``adapter/``) and every other trainable
+        tensor (head, ID tokens) as ``trainable.safetensors``."""
         from safetensors.torch import save_file
 
         os.makedirs(directory, exist_ok=True)
         if hasattr(self.backbone, "peft_config"):
             self.backbone.save_pretrained(os.path.join(directory, "adapter"))
-        head = {n: p.detach().cpu().contiguous() for n, p in self.named_head_parameters()}
-        save_file(head, os.path.join(directory, "head.safetensors"))
+        rest = {
+            n: p.detach().cpu().contiguous()
+            for n, p in self.named_parameters()
+            if p.requires_grad and not n.startswith("backbone.")
+        }
+        save_file(rest, os.path.join(directory, "trainable.safetensors"))
 
     def load_pretrained(self, directory):
         """Inverse of :meth:`save_pretrained`."""
@@ -313,5 +318,5 @@ class LLMRec(SequentialRecommender):
         adapter = os.path.join(directory, "adapter", "adapter_model.safetensors")
         if os.path.isfile(adapter) and hasattr(self.backbone, "peft_config"):
             set_peft_model_state_dict(self.backbone, load_file(adapter))
-        missing = self.load_state_dict(load_file(os.path.join(directory, "head.safetensors")), strict=False)
+        missing = self.load_state_dict(load_file(os.path.join(directory, "trainable.safetensors")), strict=False)
         return missing
