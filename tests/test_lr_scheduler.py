@@ -42,3 +42,8 @@ def test_a_run_ends_at_zero_learning_rate_after_the_counted_steps(tiny_config_di
 def test_constant_has_no_scheduler(tiny_config_dict):
     trainer, *_ = build(tiny_config_dict)
     assert trainer.scheduler is None
+
+
+def test_models_on_recboles_plain_loop_keep_a_constant_rate(tiny_config_dict):
+    trainer, *_ = build(tiny_config_dict, model_name="Pop", lr_scheduler="linear", lr_warmup_steps=5)
+    assert trainer.logits_fn is None and trainer.scheduler is None  # a warm-up nothing would step

@@ -60,8 +60,9 @@ class LLMRec(SequentialRecommender):
       per-sample logits that EISAM's per-sample losses are built from.
 
     NOTE:
-        Only the LoRA adapters, the ID tokens' embedding and map, and the head are trainable; :meth:`checkpoint_state_dict`
-        returns exactly those tensors, so a checkpoint is megabytes, not the whole LLM.
+        Only the LoRA adapters, the ID tokens' embedding and map, and the head are trainable;
+        :meth:`checkpoint_state_dict` returns exactly those tensors, so a checkpoint is
+        megabytes, not the whole LLM.
     """
 
     HEAD_MODULES = ("user_norm", "user_proj", "item_proj", "item_embedding", "item_bias", "head_dropout")

@@ -239,7 +239,11 @@ class EISAMTrainer(Trainer):
         self.total_steps = None
         self.scheduler = None
         if s["lr_scheduler"] != "constant" or s["lr_warmup_steps"] > 0:
-            self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_factor)
+            if reason is None:
+                self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_factor)
+            else:  # RecBole's plain loop never steps it: a warm-up would never end
+                self.logger.warning(f"{reason}: trained by RecBole's plain loop at a constant learning rate "
+                                    "(lr_scheduler and lr_warmup_steps are ignored).")
 
     def lr_factor(self, step):
         """The learning rate's factor after ``step`` optimizer steps: a linear warm-up over
