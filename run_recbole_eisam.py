@@ -18,7 +18,7 @@ other options continues exactly where it stopped. ``--nproc=N`` trains with N pr
 import json
 import sys
 
-from recbole_eisam.cli import build_parser, main_guard, parse_overrides
+from recbole_eisam.cli import build_parser, config_files_option, main_guard, parse_overrides
 
 
 def main(argv):
@@ -34,7 +34,7 @@ def main(argv):
     result = run(
         args.model,
         args.dataset,
-        config_file_list=args.config_files.split() if args.config_files else None,
+        config_file_list=config_files_option(args),
         config_dict=overrides,
         result_file=args.result_file,
         save_topk=args.save_topk,

@@ -26,7 +26,6 @@ JSON object: per change, ``before``, ``after``, ``unit``, ``after_over_before`` 
 """
 
 import contextlib
-import json
 import os
 import statistics
 import sys
@@ -39,10 +38,12 @@ from recbole_eisam.bench_speed import (
     _make_trainer,
     _sync,
     process_peak_rss_bytes,
+    report,
     setup,
     time_method,
+    timing_parser,
 )
-from recbole_eisam.cli import build_parser, main_guard, parse_overrides
+from recbole_eisam.cli import config_files_option, main_guard, parse_overrides
 from recbole_eisam.errors import EISAMError
 
 #: change -> (before, after, unit); the "after" side is what LLMRec does by default,
@@ -125,11 +126,10 @@ def _setting(model, change, after):
         yield
 
 
-def _trainer_overrides(config, change, after):
-    overrides = {"train_method": config["train_method"] or "erm"}
+def _trainer_overrides(change, after):
     if change == "bf16_autocast":
-        overrides.update(enable_amp=bool(after), amp_dtype="bfloat16", enable_scaler=False)
-    return overrides
+        return dict(enable_amp=bool(after), amp_dtype="bfloat16", enable_scaler=False)
+    return {}
 
 
 def time_prompt_building(model, groups):
@@ -220,7 +220,7 @@ def bench_fastpath(dataset_name, config_file_list=None, config_dict=None, steps=
                         snapshot.restore(model)
                         init_seed(config["seed"], config["reproducibility"])
                         trainer = _make_trainer(config, model, train_data.dataset,
-                                                _trainer_overrides(config, change, after))
+                                                _trainer_overrides(change, after))
                         try:
                             with _setting(model, change, after):
                                 step_times, peak, _ = time_method(trainer, groups, warmup, probe)
@@ -297,17 +297,12 @@ def format_table(result):
 
 
 def main(argv):
-    parser = build_parser(__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per variant and round (default 10)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps before them (default 2)")
-    parser.add_argument("--rounds", type=int, default=1, help="repetitions, every other one in reverse order")
+    parser = timing_parser(__doc__.splitlines()[0], steps=10, unit="variant")
     parser.add_argument("--changes", default=",".join(CHANGES), help=f"comma-separated, from {', '.join(CHANGES)}")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--result_file", default=None, help="also write the JSON result to this path")
     args, extra = parser.parse_known_args(argv)
     result = bench_fastpath(
         args.dataset,
-        config_file_list=args.config_files.split() if args.config_files else None,
+        config_file_list=config_files_option(args),
         config_dict=parse_overrides(extra),
         steps=args.steps,
         warmup=args.warmup,
@@ -316,12 +311,7 @@ def main(argv):
         threads=args.threads,
         model_name=args.model,
     )
-    if args.result_file:
-        os.makedirs(os.path.dirname(os.path.abspath(args.result_file)), exist_ok=True)
-        with open(args.result_file, "w") as f:
-            json.dump(result, f, indent=2)
-    print(format_table(result))
-    print(json.dumps(result), flush=True)
+    report(result, format_table(result), args.result_file)
     return 0
 
 

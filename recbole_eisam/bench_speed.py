@@ -61,7 +61,7 @@ import statistics
 import sys
 import time
 
-from recbole_eisam.cli import build_parser, main_guard, parse_overrides
+from recbole_eisam.cli import build_parser, config_files_option, main_guard, parse_overrides
 from recbole_eisam.errors import EISAMError
 
 #: method name -> config overrides that select it
@@ -541,23 +541,41 @@ def format_table(result):
     return "\n".join(lines)
 
 
-def main(argv):
-    parser = build_parser(__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per method and round (default 20)")
+def timing_parser(description, steps, unit):
+    """The command-line parser of a timing benchmark: the usual options plus ``--steps``,
+    ``--warmup``, ``--rounds``, ``--threads`` and ``--result_file``."""
+    parser = build_parser(description)
+    parser.add_argument("--steps", type=int, default=steps, help=f"timed steps per {unit} and round (default {steps})")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps before them (default 2)")
-    parser.add_argument("--rounds", type=int, default=1, help="repetitions of the method sequence (default 1)")
+    parser.add_argument("--rounds", type=int, default=1, help="repetitions, every other one in reverse order (default 1)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--result_file", default=None, help="also write the JSON result to this path")
+    return parser
+
+
+def report(result, table, result_file=None):
+    """Write ``result`` to ``result_file`` (if given), print ``table``, then ``result`` as the
+    last line of stdout (one JSON object)."""
+    if result_file:
+        os.makedirs(os.path.dirname(os.path.abspath(result_file)), exist_ok=True)
+        with open(result_file, "w") as f:
+            json.dump(result, f, indent=2)
+    print(table)
+    print(json.dumps(result), flush=True)
+
+
+def main(argv):
+    parser = timing_parser(__doc__.splitlines()[0], steps=20, unit="method")
     parser.add_argument(
         "--methods", default=",".join(DEFAULT_METHODS), help=f"comma-separated, from {', '.join(METHODS)}"
     )
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--no_eval", action="store_true", help="skip the evaluation timing")
-    parser.add_argument("--result_file", default=None, help="also write the JSON result to this path")
     args, extra = parser.parse_known_args(argv)
     overrides = parse_overrides(extra)
     result = bench(
         args.model,
         args.dataset,
-        config_file_list=args.config_files.split() if args.config_files else None,
+        config_file_list=config_files_option(args),
         config_dict=overrides,
         steps=args.steps,
         warmup=args.warmup,
@@ -566,12 +584,7 @@ def main(argv):
         evaluate=not args.no_eval,
         threads=args.threads,
     )
-    if args.result_file:
-        os.makedirs(os.path.dirname(os.path.abspath(args.result_file)), exist_ok=True)
-        with open(args.result_file, "w") as f:
-            json.dump(result, f, indent=2)
-    print(format_table(result))
-    print(json.dumps(result), flush=True)
+    report(result, format_table(result), args.result_file)
     return 0
 
 

@@ -43,6 +43,11 @@ def parse_overrides(extra):
     return overrides
 
 
+def config_files_option(args):
+    """The ``--config_files`` option as a list of paths (``None`` when not given)."""
+    return args.config_files.split() if args.config_files else None
+
+
 def build_parser(description):
     parser = argparse.ArgumentParser(description=description, allow_abbrev=False)
     parser.add_argument("--model", "-m", default="LLMRec", help="model name (default: LLMRec)")

@@ -335,7 +335,7 @@ def topk_files_from_benchmark(out, model, methods, dataset):
 
 
 def main(argv=None):
-    from recbole_eisam.cli import build_parser, parse_overrides
+    from recbole_eisam.cli import build_parser, config_files_option, parse_overrides
 
     parser = build_parser(
         "Prior long tail: the pretrained LLM's familiarity with each item against its training "
@@ -367,7 +367,7 @@ def main(argv=None):
     result = run_study(
         args.model,
         args.dataset,
-        args.config_files.split() if args.config_files else None,
+        config_files_option(args),
         overrides,
         llm_path=args.llm_path,
         gguf_file=args.llm_gguf_file,
