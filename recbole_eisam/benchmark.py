@@ -80,16 +80,12 @@ def _inherit_noweight(chosen):
 
 
 def _inherit_reweight_only(chosen):
-    """Frequency re-weighting without the sharpness term, with EISAM's tuned exponent.
+    """Frequency re-weighting without the sharpness term: EISAM's tuned w(n) as loss weights.
 
-    ``reweight`` weights losses by ``max(n, 1) ** -beta``; EISAM's power family is
-    ``(n + c) ** -alpha``: beta = alpha is the same decay. Other families have no power
-    form: the row then keeps the ``reweight`` default beta (the report shows the value).
+    The preset sets ``reweight_eisam_weight: True``, so the loss weights are EISAM's own
+    weighting function; this passes on its tuned family and parameters.
     """
-    family = chosen.get("eisam_weight", "power")
-    if family == "power" and "eisam_alpha" in chosen:
-        return {"reweight_beta": chosen["eisam_alpha"]}
-    return {}
+    return {k: chosen[k] for k in ("eisam_weight", "eisam_alpha", "eisam_c", "eisam_gamma") if k in chosen}
 
 
 @dataclass(frozen=True)
@@ -125,7 +121,7 @@ METHODS = {
         inherit=lambda chosen: dict(chosen),
     ),
     "reweight_only": Preset(
-        {"train_method": "reweight"},
+        {"train_method": "reweight", "reweight_eisam_weight": True},
         "ablation: EISAM's frequency weighting as loss weights, no sharpness term",
         inherit_from="eisam",
         inherit=_inherit_reweight_only,

@@ -80,13 +80,14 @@ def test_grid_tunes_on_validation_and_derives_ablations(tmp_path, fake):
     params = {m: json.loads(p) for m, p in zip(results["method"], results["params"])}
     assert params["sam"] == {"eisam_rho": 0.05}
     assert params["eisam"]["eisam_rho"] == 0.1 and params["eisam"]["eisam_alpha"] == 1.0
-    # ablations: EISAM's tuned rho / lambda with uniform w; EISAM's exponent without sharpness
+    # ablations: EISAM's tuned rho / lambda with uniform w; EISAM's w without sharpness
     assert params["eisam_noweight"] == {"eisam_rho": 0.1, "eisam_lambda": 0.5}
-    assert params["reweight_only"] == {"reweight_beta": 1.0}
+    assert params["reweight_only"] == {"eisam_weight": "power", "eisam_alpha": 1.0}
     overrides = {m: json.loads(o) for m, o in zip(results["method"], results["overrides"])}
     assert overrides["eisam_noweight"]["eisam_weight"] == "uniform"
     assert overrides["eisam_noweight"]["train_method"] == "eisam"
     assert overrides["reweight_only"]["train_method"] == "reweight"
+    assert overrides["reweight_only"]["reweight_eisam_weight"] is True
     assert set(results.loc[results["model"] == "R", "method"]) == {"erm"}
     tuning = pd.read_csv(os.path.join(out, "tuning.csv"))
     assert len(tuning) == 4 and set(tuning["seed"]) == {1}

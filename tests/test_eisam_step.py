@@ -72,7 +72,7 @@ def make_trainer(setup, dtype=torch.float32, **keys):
     config, train_data, _ = setup
     base = {"train_method": "erm", "eisam_lambda": 1.0, "eisam_weight": "power", "eisam_rho": RHO,
             "gradient_accumulation_steps": 1, "learning_rate": 1.0, "clip_grad_norm": None,
-            "reweight_beta": None, "logit_adjust_tau": None}
+            "reweight_beta": None, "reweight_eisam_weight": False, "logit_adjust_tau": None}
     for key, value in {**base, **keys}.items():
         config[key] = value
     init_seed(config["seed"], True)
@@ -243,6 +243,20 @@ def test_reweight_and_logit_adjust_methods(setup, method, kw):
     delta, before = one_step(trainer, model, train_data)
     G = grad_of(lambda p: batch_losses(model, p, batch, **kw).mean(), before)
     assert rel_err(delta, G) < 1e-10
+
+
+def test_reweight_with_eisams_weighting(setup):
+    """reweight_only's setting: ERM on the loss weighted by EISAM's own w(n) (power, alpha 1)."""
+    _, train_data, batch = setup
+    trainer, model = make_trainer(
+        setup, torch.float64, train_method="reweight", reweight_eisam_weight=True, eisam_alpha=1.0
+    )
+    delta, before = one_step(trainer, model, train_data)
+    w = power_weights(batch, model.n_items, alpha=1.0)
+    G = grad_of(lambda p: (w[batch["item_id"]] * batch_losses(model, p, batch)).mean(), before)
+    assert rel_err(delta, G) < 1e-10
+    plain = grad_of(lambda p: batch_losses(model, p, batch).mean(), before)
+    assert rel_err(delta, plain) > 1e-3  # the weights change the step
 
 
 def three_micro_batches(setup):

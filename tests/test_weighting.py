@@ -139,3 +139,12 @@ def test_presets():
     assert resolve_settings({})["per_sample"] is False
     with pytest.raises(ValueError, match="needs reweight_beta > 0"):
         resolve_settings({"train_method": "reweight", "reweight_beta": 0})
+    s = resolve_settings({"train_method": "reweight", "reweight_eisam_weight": True, "eisam_weight": "log"})
+    assert (s["reweight_family"], s["reweight_beta"], s["per_sample"]) == ("log", 0.0, True)
+    s = resolve_settings({"train_method": "sam", "reweight_eisam_weight": True, "eisam_weight": "log"})
+    assert (s["reweight_family"], s["eisam_weight"]) == ("log", "uniform")  # the user's family, not SAM's
+    assert resolve_settings({"train_method": "reweight"})["reweight_family"] is None
+    with pytest.raises(ValueError, match="reweight_beta and reweight_eisam_weight=True both"):
+        resolve_settings({"train_method": "reweight", "reweight_eisam_weight": True, "reweight_beta": 0.5})
+    with pytest.raises(ValueError, match="reweight_eisam_weight must be True or False"):
+        resolve_settings({"train_method": "reweight", "reweight_eisam_weight": "yes"})

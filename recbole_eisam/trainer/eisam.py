@@ -18,7 +18,8 @@ imbsam        w = tail indicator normalised, lambda = tail share of the training
               G = grad L_head(theta) + grad L_tail(theta + e)               (Zhou et al.)
 eisam         w from ``eisam_weight`` (power | log | focal | tail | uniform), lambda =
               ``eisam_lambda``
-reweight      ERM on the re-weighted loss (``reweight_beta``, default 1 for this method)
+reweight      ERM on the re-weighted loss (``reweight_beta``, default 1 for this method;
+              ``reweight_eisam_weight: True`` uses EISAM's w(n) as the loss weights instead)
 logit_adjust  ERM on logit-adjusted training logits (``logit_adjust_tau``, default 1)
 ============  ==========================================================================
 
@@ -107,6 +108,7 @@ DEFAULTS = {  # used when a key is absent from the config (properties/eisam.yaml
     "eisam_gamma": 1.0,
     "eisam_scope": "all",
     "reweight_beta": None,
+    "reweight_eisam_weight": False,
     "logit_adjust_tau": None,
     "train_sample_num": 0,
     "gradient_accumulation_steps": 1,
@@ -146,12 +148,21 @@ def resolve_settings(config):
     if s["eisam_scope"] not in ("all", "head"):
         raise ValueError(f"eisam_scope must be 'all' or 'head', got {s['eisam_scope']!r}.")
     # re-weighting / logit adjustment: explicit values always apply, ~ means the method default
-    s["reweight_beta"] = float(1.0 if method == "reweight" else 0.0) if s["reweight_beta"] is None else float(s["reweight_beta"])
+    if not isinstance(s["reweight_eisam_weight"], bool):
+        raise ValueError(f"reweight_eisam_weight must be True or False, got {s['reweight_eisam_weight']!r}.")
+    # the loss weights are EISAM's w(n) (before the sam / imbsam presets replace the family)
+    s["reweight_family"] = s["eisam_weight"] if s["reweight_eisam_weight"] else None
+    if s["reweight_family"] is not None:
+        if s["reweight_beta"] is not None and float(s["reweight_beta"]) != 0:
+            raise ValueError("reweight_beta and reweight_eisam_weight=True both set the loss weights: set only one.")
+        s["reweight_beta"] = 0.0
+    default_beta = 1.0 if method == "reweight" and s["reweight_family"] is None else 0.0
+    s["reweight_beta"] = default_beta if s["reweight_beta"] is None else float(s["reweight_beta"])
     s["logit_adjust_tau"] = float(1.0 if method == "logit_adjust" else 0.0) if s["logit_adjust_tau"] is None else float(s["logit_adjust_tau"])
     for key, name in (("reweight_beta", "reweight"), ("logit_adjust_tau", "logit_adjust")):
         if not math.isfinite(s[key]) or s[key] < 0:
             raise ValueError(f"{key} must be a finite number >= 0, got {s[key]}.")
-        if method == name and s[key] == 0:
+        if method == name and s[key] == 0 and not (name == "reweight" and s["reweight_family"]):
             raise ValueError(f"train_method={name} needs {key} > 0 (leave it ~ for the default 1).")
     s["lr_scheduler"] = str(s["lr_scheduler"]).lower()
     if s["lr_scheduler"] not in LR_SCHEDULERS:
@@ -169,7 +180,9 @@ def resolve_settings(config):
         s["eisam_weight"], s["eisam_lambda"] = "uniform", 1.0
     elif method == "imbsam":
         s["eisam_weight"], s["eisam_lambda"] = "tail", None  # tail share, set from the data
-    s["per_sample"] = method != "erm" or s["reweight_beta"] > 0 or s["logit_adjust_tau"] > 0
+    s["per_sample"] = (
+        method != "erm" or s["reweight_beta"] > 0 or s["reweight_family"] is not None or s["logit_adjust_tau"] > 0
+    )
     return s
 
 
@@ -282,7 +295,10 @@ class EISAMTrainer(Trainer):
             raw = raw_item_weights(counts, "tail", **params)
             self.eisam_lambda = float((counts * raw).sum() / counts.sum())
         beta = s["reweight_beta"]
-        self.loss_weight = reweight_weights(counts, beta).to(self.device) if beta > 0 else None
+        if s["reweight_family"] is not None:  # EISAM's own w(n) as loss weights
+            self.loss_weight = item_weights(counts, s["reweight_family"], **params).to(self.device)
+        else:
+            self.loss_weight = reweight_weights(counts, beta).to(self.device) if beta > 0 else None
         self.log_prior = log_prior(counts).to(self.device) if self.tau > 0 else None
         return self.item_weight
 
@@ -300,7 +316,8 @@ class EISAMTrainer(Trainer):
             self.logger.info(
                 set_color("EISAM", "green") + f": train_method={self.train_method}, "
                 f"weight={self.settings['eisam_weight']}, lambda={self.eisam_lambda:.4g}, rho={self.rho}, "
-                f"reweight_beta={self.settings['reweight_beta']}, logit_adjust_tau={self.tau}"
+                f"reweight_beta={self.settings['reweight_beta']}, "
+                f"reweight_eisam_weight={self.settings['reweight_eisam_weight']}, logit_adjust_tau={self.tau}"
             )
         if self._resume is not None and self._resume["finished"]:
             saved = False  # training had ended: nothing to train, the best checkpoint stays as it is
