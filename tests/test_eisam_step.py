@@ -70,7 +70,7 @@ def setup(tmp_path_factory):
 
 def make_trainer(setup, dtype=torch.float32, **keys):
     config, train_data, _ = setup
-    base = {"train_method": "erm", "eisam_lambda": 1.0, "eisam_weight": "power", "eisam_rho": RHO,
+    base = {"train_method": "erm", "eisam_lambda": 1.0, "eisam_weight": "power", "eisam_alpha": 0.5, "eisam_rho": RHO,
             "gradient_accumulation_steps": 1, "learning_rate": 1.0, "clip_grad_norm": None,
             "reweight_beta": None, "reweight_eisam_weight": False, "logit_adjust_tau": None}
     for key, value in {**base, **keys}.items():

@@ -102,7 +102,7 @@ DEFAULTS = {  # used when a key is absent from the config (properties/eisam.yaml
     "train_method": "erm",
     "eisam_rho": 0.05,
     "eisam_lambda": 1.0,
-    "eisam_weight": "power",
+    "eisam_weight": "log",
     "eisam_alpha": 0.5,
     "eisam_c": 1.0,
     "eisam_gamma": 1.0,
