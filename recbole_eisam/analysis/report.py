@@ -52,7 +52,7 @@ DDOF = 1
 K = 10
 #: the methods the paper's bar compares EISAM with
 LONGTAIL_BASELINES = ("sam", "imbsam", "reweight", "logit_adjust")
-METHOD_ORDER = ("erm",) + LONGTAIL_BASELINES + ("eisam", "eisam_noweight", "reweight_only")
+METHOD_ORDER = ("erm",) + LONGTAIL_BASELINES + ("eisam", "eisam_head", "eisam_noweight", "reweight_only")
 WILCOXON_ARGS = {"zero_method": "wilcox", "alternative": "two-sided"}
 
 
