@@ -160,6 +160,7 @@ def test_debug_shows_the_traceback(tiny_data, tmp_path):
         ("--topk=abc", ["topk", "abc"]),
         ("--lr_scheduler=step", ["lr_scheduler", "'step'", "cosine"]),
         ("--lr_warmup_steps=-3", ["lr_warmup_steps", "integer >= 0", "-3"]),
+        ("--reweight_eisam_weight=yes", ["reweight_eisam_weight", "True or False", "'yes'"]),
     ],
 )
 def test_bad_values_are_refused_before_loading_data(override, needles, tmp_path, capsys):
