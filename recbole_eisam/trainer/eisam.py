@@ -152,10 +152,8 @@ def resolve_settings(config):
         raise ValueError(f"reweight_eisam_weight must be True or False, got {s['reweight_eisam_weight']!r}.")
     # the loss weights are EISAM's w(n) (before the sam / imbsam presets replace the family)
     s["reweight_family"] = s["eisam_weight"] if s["reweight_eisam_weight"] else None
-    if s["reweight_family"] is not None:
-        if s["reweight_beta"] is not None and float(s["reweight_beta"]) != 0:
-            raise ValueError("reweight_beta and reweight_eisam_weight=True both set the loss weights: set only one.")
-        s["reweight_beta"] = 0.0
+    if s["reweight_family"] is not None and s["reweight_beta"] is not None and float(s["reweight_beta"]) != 0:
+        raise ValueError("reweight_beta and reweight_eisam_weight=True both set the loss weights: set only one.")
     default_beta = 1.0 if method == "reweight" and s["reweight_family"] is None else 0.0
     s["reweight_beta"] = default_beta if s["reweight_beta"] is None else float(s["reweight_beta"])
     s["logit_adjust_tau"] = float(1.0 if method == "logit_adjust" else 0.0) if s["logit_adjust_tau"] is None else float(s["logit_adjust_tau"])
@@ -294,11 +292,12 @@ class EISAMTrainer(Trainer):
         if s["train_method"] == "imbsam":  # lambda * w = raw 0/1 tail indicator
             raw = raw_item_weights(counts, "tail", **params)
             self.eisam_lambda = float((counts * raw).sum() / counts.sum())
-        beta = s["reweight_beta"]
         if s["reweight_family"] is not None:  # EISAM's own w(n) as loss weights
             self.loss_weight = item_weights(counts, s["reweight_family"], **params).to(self.device)
+        elif s["reweight_beta"] > 0:
+            self.loss_weight = reweight_weights(counts, s["reweight_beta"]).to(self.device)
         else:
-            self.loss_weight = reweight_weights(counts, beta).to(self.device) if beta > 0 else None
+            self.loss_weight = None
         self.log_prior = log_prior(counts).to(self.device) if self.tau > 0 else None
         return self.item_weight
 
