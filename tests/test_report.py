@@ -163,3 +163,40 @@ def test_mismatched_topk_files_are_refused(bench):
     frame.to_csv(path, sep="\t", index=False)
     with pytest.raises(ValueError, match="same test rows"):
         report.paired_tests(report.load_results(out), out)
+
+
+def _tuning_csv(out, rows):
+    pd.DataFrame([
+        {"dataset": "toy", "model": "M", "method": method, "seed": 1, "stage": "tune",
+         "params": json.dumps(params), "valid_metric": "NDCG@10", "best_valid_score": score}
+        for method, params, score in rows
+    ]).to_csv(os.path.join(out, "tuning.csv"), index=False)
+
+
+def _method_lines(text, marker):
+    return [line for line in text.splitlines() if line.startswith(marker)]
+
+
+def test_report_marks_the_configuration_the_rows_ran(bench):
+    out, _ = bench
+    results = pd.read_csv(os.path.join(out, "results.csv"))
+    results["tuned_on_seed"] = np.where(results["method"] == "eisam", 1, np.nan)
+    results.to_csv(os.path.join(out, "results.csv"), index=False)
+    _tuning_csv(out, [("eisam", {"eisam_rho": 0.05}, 0.08), ("eisam", {"eisam_rho": 0.1}, 0.07)])
+    text = open(report.build_report(out)).read()
+    assert _method_lines(text, "| eisam | eisam_rho=") == [
+        "| eisam | eisam_rho=0.05 | 0.0800 | ✔ |", "| eisam | eisam_rho=0.1 | 0.0700 |  |"]
+    assert "- eisam: eisam_rho=0.05 (chosen on validation, seed 1)" in text
+    assert "- erm: (defaults)" in text
+    assert "was not finished or was superseded" not in text
+
+
+def test_report_does_not_mark_a_search_the_rows_did_not_use(bench):
+    """A left-over search (here: a better candidate the final rows did not run) gets no ✔,
+    and the rows' parameters are reported as given by the grid file."""
+    out, _ = bench
+    _tuning_csv(out, [("eisam", {"eisam_rho": 0.2}, 0.09)])
+    text = open(report.build_report(out)).read()
+    assert _method_lines(text, "| eisam | eisam_rho=") == ["| eisam | eisam_rho=0.2 | 0.0900 |  |"]
+    assert "- eisam: eisam_rho=0.05 (given by the grid file, not searched on this model)" in text
+    assert "No reported row of eisam ran a configuration from this search" in text

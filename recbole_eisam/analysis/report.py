@@ -273,19 +273,44 @@ def _cell(row, key, with_rel):
 
 
 def _params_text(results, dataset, model, method):
+    """The hyper-parameters a method's rows ran with, and where they came from.
+
+    A row with ``tuned_on_seed`` took them from a validation search (its own, or, for an
+    ablation, the search of the method it derives from); a row without it ran what the grid
+    file gave, searched on no validation split of this model.
+    """
     sub = results[(results["dataset"] == dataset) & (results["model"] == model) & (results["method"] == method)]
     if "params" not in sub:
         return ""
-    texts = sorted({p for p in sub["params"].dropna().astype(str)})
     out = []
-    for text in texts:
+    for text, rows in sub.groupby(sub["params"].fillna("{}").astype(str), sort=True):
         try:
             params = json.loads(text)
         except json.JSONDecodeError:
-            out.append(text)
+            params = None
+        shown = text if params is None else ", ".join(f"{k}={v}" for k, v in sorted(params.items()))
+        if not shown:
+            out.append("(defaults)")
             continue
-        out.append(", ".join(f"{k}={v}" for k, v in sorted(params.items())) or "(defaults)")
+        seeds = pd.to_numeric(rows["tuned_on_seed"], errors="coerce").dropna() if "tuned_on_seed" in rows else []
+        if len(seeds):
+            origin = "chosen on validation, seed " + ", ".join(str(int(s)) for s in sorted(set(seeds)))
+        else:
+            origin = "given by the grid file, not searched on this model"
+        out.append(f"{shown} ({origin})")
     return "; ".join(out)
+
+
+def _used_params(results, dataset, model, method):
+    """The parameter sets (as dicts) the final rows of a method ran with."""
+    sub = results[(results["dataset"] == dataset) & (results["model"] == model) & (results["method"] == method)]
+    used = []
+    for text in sub.get("params", pd.Series(dtype=str)).dropna().astype(str).unique():
+        try:
+            used.append(json.loads(text))
+        except json.JSONDecodeError:
+            pass
+    return used
 
 
 def model_table(summary, tests, dataset, model, metrics=METRICS):
@@ -343,7 +368,12 @@ def bar_lines(summary, dataset, model):
     return lines
 
 
-def tuning_section(out, dataset, model):
+def tuning_section(out, dataset, model, results=None):
+    """The validation search as a table; ✔ marks the candidate the reported rows ran with.
+
+    Without ``results`` the best valid score is marked. A search whose choice no reported
+    row used (an unfinished or superseded search) is listed without a mark, and says so.
+    """
     path = os.path.join(out, "tuning.csv")
     if not os.path.isfile(path):
         return []
@@ -355,16 +385,28 @@ def tuning_section(out, dataset, model):
         "| method | config tried | valid " + str(tuning["valid_metric"].iloc[0]) + " | chosen |",
         "|---|---|---|---|",
     ]
+    unused = []
     for method in sorted(tuning["method"].unique(), key=method_sort_key):
         sub = tuning[tuning["method"] == method]
         scores = pd.to_numeric(sub["best_valid_score"], errors="coerce")
-        best = scores.idxmax() if scores.notna().any() else None
-        for idx, row in sub.iterrows():
-            params = json.loads(row["params"]) if isinstance(row["params"], str) else {}
+        tried = {idx: json.loads(row["params"]) if isinstance(row["params"], str) else {} for idx, row in sub.iterrows()}
+        if results is None:
+            chosen = {scores.idxmax()} if scores.notna().any() else set()
+        else:
+            used = _used_params(results, dataset, model, method)
+            chosen = {idx for idx, params in tried.items() if params in used}
+            if not chosen:
+                unused.append(method)
+        for idx, params in tried.items():
             text = ", ".join(f"{k}={v}" for k, v in sorted(params.items())) or "(defaults)"
-            lines.append(f"| {method} | {text} | {_fmt(scores[idx])} | {'✔' if idx == best else ''} |")
+            lines.append(f"| {method} | {text} | {_fmt(scores[idx])} | {'✔' if idx in chosen else ''} |")
     seeds = sorted(tuning["seed"].unique())
-    return [f"Validation search (seed {', '.join(map(str, seeds))}; test numbers never used):", ""] + lines
+    lines = [f"Validation search (seed {', '.join(map(str, seeds))}; test numbers never used):", ""] + lines
+    if unused:
+        lines += ["", f"No reported row of {', '.join(unused)} ran a configuration from this search "
+                  "(the search was not finished or was superseded): its rows above ran what is listed "
+                  "under 'Hyper-parameters used'."]
+    return lines
 
 
 # --------------------------------------------------------------------------- plots
@@ -464,12 +506,12 @@ def build_report(out, k=K, plots=True):
         bars = bar_lines(summary, dataset, model)
         if bars:
             lines += ["Against the bar of issue 5:", ""] + bars + [""]
-        lines += ["Hyper-parameters used (chosen on validation only):", ""]
+        lines += ["Hyper-parameters used, and where they came from:", ""]
         part = summary.xs((dataset, model), level=("dataset", "model"))
         for method in sorted(part.index, key=method_sort_key):
             lines.append(f"- {method}: {_params_text(results, dataset, model, method)}")
         lines.append("")
-        tuning = tuning_section(out, dataset, model)
+        tuning = tuning_section(out, dataset, model, results)
         if tuning:
             lines += tuning + [""]
         if plots:
