@@ -34,3 +34,21 @@ def test_anomaly_detection_is_off_after_model_lookup():
 
     get_model("SASRec")
     assert not torch.is_anomaly_enabled()
+
+
+def test_ensure_dir_survives_a_folder_made_by_another_process(tmp_path, monkeypatch):
+    """Two processes started together (``nproc=2``) both find ``./log`` missing; the one that
+    calls ``makedirs`` second must not fail. Simulated: the folder exists, ``exists`` says no."""
+    import importlib
+    import os
+
+    from recbole_eisam import compat
+
+    folder = tmp_path / "log"
+    folder.mkdir()
+    monkeypatch.setattr(os.path, "exists", lambda path: False)  # the check ran before the other process
+    for name in compat._ENSURE_DIR_MODULES:
+        module = importlib.import_module(name)
+        module.ensure_dir(str(folder))  # RecBole's own ensure_dir raises FileExistsError here
+        module.ensure_dir(str(folder / "SASRec"))
+    assert (folder / "SASRec").is_dir()
