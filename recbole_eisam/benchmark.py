@@ -55,6 +55,8 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from recbole_eisam.utils.machine import machine_description
+
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GRID_DIR = os.path.join(PACKAGE_ROOT, "properties", "benchmark")
 DEFAULT_GRID = os.path.join(GRID_DIR, "default.yaml")
@@ -369,6 +371,7 @@ def make_row(spec, result, wall_seconds, topk_file, item_stats_file, valid_metri
         "overrides": json.dumps(spec.overrides, sort_keys=True, default=str),
         "config_files": " ".join(spec.config_files),
         "finished_at": datetime.datetime.now().isoformat(timespec="seconds"),
+        "machine": machine_description(),
     })
     return row
 

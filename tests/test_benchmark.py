@@ -89,6 +89,7 @@ def test_grid_tunes_on_validation_and_derives_ablations(tmp_path, fake):
     assert overrides["reweight_only"]["train_method"] == "reweight"
     assert overrides["reweight_only"]["reweight_eisam_weight"] is True
     assert set(results.loc[results["model"] == "R", "method"]) == {"erm"}
+    assert results["machine"].str.contains(" cores, torch ").all()  # rows from two CPUs must be told apart
     tuning = pd.read_csv(os.path.join(out, "tuning.csv"))
     assert len(tuning) == 4 and set(tuning["seed"]) == {1}
     assert os.path.isfile(os.path.join(out, "REPORT.md")) is False  # the CLI builds it, not run()

@@ -76,6 +76,7 @@ def bench(tmp_path):
             "test_tailndcg@10": tail, "test_tailhit@10": 2 * tail, "test_tailcoverage@10": 0.5,
             "test_giniindex@10": 0.9, "wall_seconds": 1.0,
             "topk_file": topk, "item_stats_file": "items.tsv",
+            "machine": "CPU A, 2 cores, torch 2.13.0",
         })
     # a reference model with ERM only, and no top-K file
     rows.append({"dataset": "toy", "model": "Pop", "method": "erm", "seed": 1, "signature": "y",
@@ -152,6 +153,9 @@ def test_report_file_and_plots(bench):
     assert cell in text
     assert "## M on toy" in text and "Reference models" in text and "eisam_rho=0.05" in text
     assert "EISAM / ERM TailNDCG@10" in text
+    # nine runs on CPU A, the Pop row records no machine: two machines, counted
+    assert "**The rows come from 2 machines**" in text
+    assert "- CPU A, 2 cores, torch 2.13.0: 9 runs" in text and "- not recorded: 1 run" in text
     assert os.path.getsize(os.path.join(out, "plots", "head_tail_toy_M.png")) > 1000
     assert os.path.getsize(os.path.join(out, "plots", "deciles_toy_M.png")) > 1000
 
@@ -200,3 +204,9 @@ def test_report_does_not_mark_a_search_the_rows_did_not_use(bench):
     assert _method_lines(text, "| eisam | eisam_rho=") == ["| eisam | eisam_rho=0.2 | 0.0900 |  |"]
     assert "- eisam: eisam_rho=0.05 (given by the grid file, not searched on this model)" in text
     assert "No reported row of eisam ran a configuration from this search" in text
+
+
+def test_report_names_a_single_machine():
+    frame = pd.DataFrame({"machine": ["CPU A, 2 cores, torch 2.13.0"] * 3})
+    assert report.machine_lines(frame) == ["Machine: CPU A, 2 cores, torch 2.13.0 (all 3 runs)."]
+    assert report.machine_lines(pd.DataFrame({"seed": [1]})) == ["Machine: not recorded in results.csv."]

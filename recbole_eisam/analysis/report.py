@@ -410,6 +410,20 @@ def tuning_section(out, dataset, model, results=None):
 
 
 # --------------------------------------------------------------------------- plots
+def machine_lines(results):
+    """Which machines the rows ran on: float32 kernels differ between CPUs, so rows of two
+    machines are not comparable run against run, and the report says so."""
+    if "machine" not in results.columns:
+        return ["Machine: not recorded in results.csv."]
+    counts = results["machine"].fillna("").astype(str).replace("", "not recorded").value_counts(sort=False)
+    if len(counts) == 1:
+        return [f"Machine: {counts.index[0]} (all {int(counts.iloc[0])} runs)."]
+    lines = [f"**The rows come from {len(counts)} machines**; a CPU change moves float32 runs, "
+             "so compare methods within one machine:"]
+    lines += [f"- {name}: {int(n)} run{'' if n == 1 else 's'}" for name, n in counts.items()]
+    return lines
+
+
 def _plt():
     import matplotlib
 
@@ -477,6 +491,8 @@ def build_report(out, k=K, plots=True):
         "",
         f"Generated {datetime.datetime.now().isoformat(timespec='seconds')} from `results.csv` "
         f"({len(results)} runs).",
+        "",
+        *machine_lines(results),
         "",
         "How to read the tables:",
         "- cells: test metric, mean ± sample std over seeds (ddof=1; no ± with one seed), and in "
