@@ -62,7 +62,7 @@ import time
 
 from recbole_eisam.cli import build_parser, config_files_option, main_guard, parse_overrides
 from recbole_eisam.errors import EISAMError
-from recbole_eisam.utils.machine import cpu_name
+from recbole_eisam.utils.machine import device_name
 
 #: method name -> config overrides that select it
 METHODS = {
@@ -446,7 +446,7 @@ def _bench(model_name, dataset_name, config_file_list, config_dict, steps, warmu
         "model": config["model"],
         "dataset": config["dataset"],
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+        "device_name": device_name(device),
         "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "load_average_1min": load_average,

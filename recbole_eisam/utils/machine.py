@@ -16,13 +16,20 @@ def cpu_name():
     return platform.processor() or platform.machine() or "unknown CPU"
 
 
-def machine_description(device=None):
-    """``"<CPU or GPU name>, <n> cores, torch <version>"``: two CPUs of one family can give
-    different numbers for the same run (different kernels), so every result row names its machine."""
+def device_name(device):
+    """The GPU's name for a CUDA device, else the CPU's."""
     import torch
 
-    if device is not None and getattr(device, "type", str(device)) == "cuda":
-        name = torch.cuda.get_device_name(device)
-    else:
-        name = cpu_name()
+    if getattr(device, "type", str(device)) == "cuda":
+        return torch.cuda.get_device_name(device)
+    return cpu_name()
+
+
+def machine_description():
+    """``"<device name>, <n> cores, torch <version>"`` of the device RecBole's runs take (the
+    GPU when one is visible): two CPUs of one family can give different numbers for the same
+    run (different kernels), so every result row names its machine."""
+    import torch
+
+    name = device_name("cuda" if torch.cuda.is_available() else "cpu")
     return f"{name}, {os.cpu_count()} cores, torch {torch.__version__}"
