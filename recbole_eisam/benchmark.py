@@ -27,6 +27,9 @@ Resume: a run whose key (dataset, model, method, seed, signature) is already in
 hash of everything that defines the run except the seed: the full overrides (grid config,
 model config, command-line ``--key=value``, method preset, hyper-parameters) and the
 contents of the YAML files, the package's defaults for the model and dataset included.
+Every row names the machine it ran on (CPU or GPU, cores, torch); a grid refuses to add
+rows to a folder whose rows ran on another machine, because float32 kernels differ between
+CPUs and the same run gives other numbers there (``--allow_mixed_machines`` overrides).
 Stopping the grid (Ctrl-C, a crash) loses at most the run in progress. A run that raises
 is logged to ``<out>/failures.log`` and the grid goes on; it is retried on the next
 invocation.
@@ -488,7 +491,7 @@ def compute_item_stats(model, dataset, config_files, overrides):
 class Benchmark:
     """Runs a :class:`Grid` into an output folder; see the module docstring."""
 
-    def __init__(self, grid, out, overrides=None, isolate=False, log=print):
+    def __init__(self, grid, out, overrides=None, isolate=False, log=print, allow_mixed_machines=False):
         self.grid = grid.validate()
         self.out = out
         self.cli_overrides = dict(overrides or {})
@@ -496,6 +499,7 @@ class Benchmark:
             if key in self.cli_overrides:
                 raise GridError(f"'--{key}' is set by the benchmark itself (use --seeds / --methods).")
         self.isolate = isolate
+        self.allow_mixed_machines = allow_mixed_machines
         self.log = log
         self.results_path = os.path.join(out, RESULTS_FILE)
         self.tuning_path = os.path.join(out, TUNING_FILE)
@@ -621,7 +625,25 @@ class Benchmark:
                 order.append((model, [REFERENCE_METHOD]))
         return order
 
+    def check_machine(self):
+        """Refuse to add rows to a folder whose rows ran on another machine: float32 kernels
+        differ between CPUs (and torch builds), so such a folder would compare methods across
+        machines. Rows that name no machine (older folders) are not checked."""
+        if self.allow_mixed_machines:
+            return
+        here = machine_description()
+        for path in (self.results_path, self.tuning_path):
+            for row in read_rows(path):
+                there = str(row.get("machine") or "").strip()
+                if there and there != here:
+                    raise GridError(
+                        f"{path} holds rows run on '{there}' but this machine is '{here}': runs "
+                        f"differ between machines, so pass --out=<a folder for this machine> "
+                        f"(or --allow_mixed_machines to add this machine's rows anyway)."
+                    )
+
     def run(self):
+        self.check_machine()
         os.makedirs(self.out, exist_ok=True)
         for model, methods in self.plan():
             item_stats = self.item_stats_file(model)
@@ -706,13 +728,15 @@ def main(argv=None):
     parser.add_argument("--isolate", action="store_true", help="one Python process per run")
     parser.add_argument("--dry_run", action="store_true", help="print the plan and exit")
     parser.add_argument("--no_report", action="store_true", help="do not rebuild REPORT.md at the end")
+    parser.add_argument("--allow_mixed_machines", action="store_true",
+                        help="add rows to an output folder whose rows ran on another machine")
     args, extra = parser.parse_known_args(argv)
     overrides = parse_overrides(extra)
     grid = build_grid(args)
     # RecBole 1.2.1's pandas calls warn on every dataset load: keep the grid's output readable
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"recbole\.")
     out = args.out or os.path.join("runs", f"benchmark-{_safe(grid.dataset)}")
-    bench = Benchmark(grid, out, overrides, isolate=args.isolate)
+    bench = Benchmark(grid, out, overrides, isolate=args.isolate, allow_mixed_machines=args.allow_mixed_machines)
     print(bench.describe())
     if args.dry_run:
         return 0

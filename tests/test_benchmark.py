@@ -203,3 +203,23 @@ def test_signature_follows_the_packages_default_yaml(tmp_path, monkeypatch):
     assert spec.signature == before  # stable
     layer.write_text("epochs: 10\n")
     assert spec.signature != before
+
+
+def test_grid_refuses_a_folder_of_another_machine(tmp_path, fake, monkeypatch):
+    out = str(tmp_path / "out")
+    monkeypatch.setattr(benchmark, "machine_description", lambda: "CPU A, 2 cores, torch 2.13.0")
+    first = FakeRuns(stop_after=3)
+    monkeypatch.setattr(benchmark, "execute_run", first)
+    with pytest.raises(KeyboardInterrupt):
+        Benchmark(_grid(), out, log=lambda *_: None).run()
+    # the same machine resumes; another one is told which folder and machine, and runs nothing
+    monkeypatch.setattr(benchmark, "machine_description", lambda: "CPU B, 2 cores, torch 2.13.0")
+    second = FakeRuns()
+    monkeypatch.setattr(benchmark, "execute_run", second)
+    with pytest.raises(GridError, match=r"results\.csv holds rows run on 'CPU A.*this machine is 'CPU B"):
+        Benchmark(_grid(), out, log=lambda *_: None).run()
+    assert second.calls == []
+    Benchmark(_grid(), out, log=lambda *_: None, allow_mixed_machines=True).run()
+    assert len(second.calls) == EXPECTED_RUNS - 3
+    machines = pd.concat([pd.read_csv(os.path.join(out, f)) for f in ("tuning.csv", "results.csv")])["machine"]
+    assert set(machines) == {"CPU A, 2 cores, torch 2.13.0", "CPU B, 2 cores, torch 2.13.0"}
