@@ -212,7 +212,13 @@ def test_grid_refuses_a_folder_of_another_machine(tmp_path, fake, monkeypatch):
     monkeypatch.setattr(benchmark, "execute_run", first)
     with pytest.raises(KeyboardInterrupt):
         Benchmark(_grid(), out, log=lambda *_: None).run()
-    # the same machine resumes; another one is told which folder and machine, and runs nothing
+    # the same machine resumes (two more runs, then stopped again)
+    again = FakeRuns(stop_after=2)
+    monkeypatch.setattr(benchmark, "execute_run", again)
+    with pytest.raises(KeyboardInterrupt):
+        Benchmark(_grid(), out, log=lambda *_: None).run()
+    assert len(again.calls) == 2 and not set(first.calls) & set(again.calls)
+    # another machine is told which folder and machines, and runs nothing
     monkeypatch.setattr(benchmark, "machine_description", lambda: "CPU B, 2 cores, torch 2.13.0")
     second = FakeRuns()
     monkeypatch.setattr(benchmark, "execute_run", second)
@@ -220,6 +226,6 @@ def test_grid_refuses_a_folder_of_another_machine(tmp_path, fake, monkeypatch):
         Benchmark(_grid(), out, log=lambda *_: None).run()
     assert second.calls == []
     Benchmark(_grid(), out, log=lambda *_: None, allow_mixed_machines=True).run()
-    assert len(second.calls) == EXPECTED_RUNS - 3
+    assert len(second.calls) == EXPECTED_RUNS - 5
     machines = pd.concat([pd.read_csv(os.path.join(out, f)) for f in ("tuning.csv", "results.csv")])["machine"]
     assert set(machines) == {"CPU A, 2 cores, torch 2.13.0", "CPU B, 2 cores, torch 2.13.0"}
