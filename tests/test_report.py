@@ -195,6 +195,20 @@ def test_report_marks_the_configuration_the_rows_ran(bench):
     assert "was not finished or was superseded" not in text
 
 
+def test_report_says_an_ablation_reuses_the_choice_of_its_method(bench):
+    """An ablation runs EISAM's validation choice and is never searched itself."""
+    out, _ = bench
+    results = pd.read_csv(os.path.join(out, "results.csv"))
+    ablation = results["method"] == "same"
+    results.loc[ablation, "method"] = "reweight_only"
+    results.loc[ablation, "params"] = json.dumps({"eisam_alpha": 0.5})
+    results["tuned_on_seed"] = np.where(results["method"].isin(["eisam", "reweight_only"]), 1, np.nan)
+    results.to_csv(os.path.join(out, "results.csv"), index=False)
+    text = open(report.build_report(out)).read()
+    assert "- reweight_only: eisam_alpha=0.5 (eisam's values, chosen on validation, seed 1)" in text
+    assert "- eisam: eisam_rho=0.05 (chosen on validation, seed 1)" in text
+
+
 def test_report_does_not_mark_a_search_the_rows_did_not_use(bench):
     """A left-over search (here: a better candidate the final rows did not run) gets no ✔,
     and the rows' parameters are reported as given by the grid file."""

@@ -295,10 +295,21 @@ def _params_text(results, dataset, model, method):
         seeds = pd.to_numeric(rows["tuned_on_seed"], errors="coerce").dropna() if "tuned_on_seed" in rows else []
         if len(seeds):
             origin = "chosen on validation, seed " + ", ".join(str(int(s)) for s in sorted(set(seeds)))
+            source = _inherits_from(method)
+            if source:  # an ablation is never searched itself
+                origin = f"{source}'s values, {origin}"
         else:
             origin = "given by the grid file, not searched on this model"
         out.append(f"{shown} ({origin})")
     return "; ".join(out)
+
+
+def _inherits_from(method):
+    """The method whose validation choice ``method`` reuses (an ablation), else None."""
+    from recbole_eisam.benchmark import METHODS
+
+    preset = METHODS.get(method)
+    return preset.inherit_from if preset is not None else None
 
 
 def _used_params(results, dataset, model, method):
