@@ -224,3 +224,33 @@ def test_report_names_a_single_machine():
     frame = pd.DataFrame({"machine": ["CPU A, 2 cores, torch 2.13.0"] * 3})
     assert report.machine_lines(frame) == ["Machine: CPU A, 2 cores, torch 2.13.0 (all 3 runs)."]
     assert report.machine_lines(pd.DataFrame({"seed": [1]})) == ["Machine: not recorded in results.csv."]
+
+
+def test_eisam_against_each_baseline_is_paired_on_the_seeds_both_ran(bench):
+    out, targets = bench
+    results = pd.read_csv(os.path.join(out, "results.csv"))
+    rng = np.random.default_rng(1)
+    rows = []
+    for seed in (1, 2):  # the baseline ran two of EISAM's three seeds
+        topk = f"runs/sam-{seed}.tsv"
+        _topk(os.path.join(out, topk), targets, rng)
+        row = results[(results["method"] == "erm") & (results["seed"] == seed) & (results["model"] == "M")].iloc[0].copy()
+        row["method"], row["topk_file"] = "sam", topk
+        rows.append(row)
+    pd.concat([results, pd.DataFrame(rows)]).to_csv(os.path.join(out, "results.csv"), index=False)
+
+    diffs = np.concatenate([
+        _ndcg(os.path.join(out, f"runs/eisam-{s}.tsv")) - _ndcg(os.path.join(out, f"runs/sam-{s}.tsv"))
+        for s in (1, 2)
+    ])
+    tail_rows = np.tile([int(t[1:]) > HEAD for t in targets], 2)
+    text = open(report.build_report(out, plots=False)).read()
+    line = next(l for l in text.splitlines() if l.startswith("| sam | ") and l.count("|") == 7)
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert float(cells[1]) == pytest.approx(diffs.mean(), abs=5e-6)  # EISAM - baseline
+    assert float(cells[2]) == pytest.approx(stats.wilcoxon(diffs).pvalue, rel=1e-3, abs=1e-3)
+    assert float(cells[3]) == pytest.approx(diffs[tail_rows].mean(), abs=5e-6)
+    assert float(cells[4]) == pytest.approx(stats.wilcoxon(diffs[tail_rows]).pvalue, rel=1e-3, abs=1e-3)
+    assert cells[5] == "1, 2"
+    # ERM and the ablation-like 'same' are no long-tail baselines: no head-to-head row
+    assert not any(l.startswith(("| erm | ", "| same | ")) and l.count("|") == 7 for l in text.splitlines())

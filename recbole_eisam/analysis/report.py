@@ -15,6 +15,9 @@ What the report computes (stated again at the top of REPORT.md):
   test. ``p_tail`` uses only the users whose test target is a tail item of the training
   split, ``p_all`` every user. When every difference is zero the p-value is 1. P-values of
   each seed alone are listed in an appendix;
+* **EISAM against each long-tail baseline**: the same test with EISAM as the reference
+  (same model, same seeds), so that "EISAM ahead of baseline X on the tail" comes with its
+  paired difference and p-value rather than a difference of means alone;
 * **plots**: head vs tail NDCG@10 per method (bars, mean +- std over seeds) and NDCG@10 by
   popularity decile of the target item (deciles of the items ranked by training frequency,
   10 equal-size item groups, 1 = most popular; per-user values pooled over seeds).
@@ -164,28 +167,30 @@ class _Cache:
         return self._topk[path]
 
 
-def paired_tests(results, out, k=K, cache=None):
-    """Wilcoxon p-values of every non-ERM method vs ERM of the same model and seed.
+def paired_tests(results, out, k=K, cache=None, reference=BASELINE):
+    """Wilcoxon p-values of every other method vs ``reference`` (ERM unless told) of the
+    same model and seed.
 
     Returns a DataFrame indexed by (dataset, model, method) with ``p_all``, ``p_tail``
     (users x seeds pooled), ``n_all``, ``n_tail`` (pooled pairs), ``nonzero_all``,
-    ``nonzero_tail``, ``mean_diff_all``, ``mean_diff_tail`` (method - ERM, per-user NDCG@k)
-    and ``per_seed`` (``{seed: (p_all, p_tail)}``). Seeds whose top-K files are missing
-    are skipped; a method with no usable seed gets nan.
+    ``nonzero_tail``, ``mean_diff_all``, ``mean_diff_tail`` (method - reference, per-user
+    NDCG@k) and ``per_seed`` (``{seed: (p_all, p_tail)}``). Seeds whose top-K files are
+    missing, or that the reference did not run, are skipped; a method with no usable seed
+    gets nan.
     """
     cache = cache or _Cache(out, k)
     rows = []
     for (dataset, model), group in results.groupby(["dataset", "model"], sort=False):
-        erm = {int(r["seed"]): r for _, r in group[group["method"] == BASELINE].iterrows()}
+        ref = {int(r["seed"]): r for _, r in group[group["method"] == reference].iterrows()}
         for method, sub in group.groupby("method", sort=False):
-            if method == BASELINE:
+            if method == reference:
                 continue
             all_diff, tail_diff, per_seed = [], [], {}
             for _, row in sub.sort_values("seed").iterrows():
                 seed = int(row["seed"])
-                if seed not in erm:
+                if seed not in ref:
                     continue
-                mine, base = cache.topk(row), cache.topk(erm[seed])
+                mine, base = cache.topk(row), cache.topk(ref[seed])
                 if mine is None or base is None:
                     continue
                 merged = paired_rows(mine, base)
@@ -379,6 +384,35 @@ def bar_lines(summary, dataset, model):
     return lines
 
 
+def head_to_head_lines(against_eisam, dataset, model, k=K):
+    """EISAM against each long-tail baseline on the same users and seeds, as a table.
+
+    ``against_eisam`` is :func:`paired_tests` with ``reference="eisam"``: its differences are
+    baseline - EISAM, shown here as EISAM - baseline (positive: EISAM ahead). Empty when no
+    baseline has a seed in common with EISAM.
+    """
+    lines = []
+    for method in LONGTAIL_BASELINES:
+        key = (dataset, model, method)
+        if key not in against_eisam.index or not against_eisam.loc[key, "per_seed"]:
+            continue
+        test = against_eisam.loc[key]
+        lines.append(
+            f"| {method} | {_fmt(0.0 - test['mean_diff_all'], 5)} | {_fmt_p(test['p_all'])} | "
+            f"{_fmt(0.0 - test['mean_diff_tail'], 5)} | {_fmt_p(test['p_tail'])} | "
+            f"{', '.join(str(s) for s in sorted(test['per_seed']))} |"
+        )
+    if not lines:
+        return []
+    return [
+        "EISAM against each long-tail baseline, paired on the same users and seed (per-user "
+        f"NDCG@{k}, EISAM - baseline, pooled over the seeds both ran; Wilcoxon as above):",
+        "",
+        f"| baseline | Δ NDCG@{k} (all) | p (all) | Δ NDCG@{k} (tail users) | p (tail) | seeds |",
+        "|---|---|---|---|---|---|",
+    ] + lines
+
+
 def tuning_section(out, dataset, model, results=None):
     """The validation search as a table; ✔ marks the candidate the reported rows ran with.
 
@@ -492,6 +526,7 @@ def build_report(out, k=K, plots=True):
     cache = _Cache(out, k)
     summary = summarize(results)
     tests = paired_tests(results, out, k, cache)
+    against_eisam = paired_tests(results, out, k, cache, reference="eisam")
     curves = decile_curves(results, out, k, cache) if plots else {}
     plot_dir = os.path.join(out, "plots")
     if plots:
@@ -533,6 +568,9 @@ def build_report(out, k=K, plots=True):
         bars = bar_lines(summary, dataset, model)
         if bars:
             lines += ["Against the bar of issue 5:", ""] + bars + [""]
+            head_to_head = head_to_head_lines(against_eisam, dataset, model, k)
+            if head_to_head:
+                lines += head_to_head + [""]
         lines += ["Hyper-parameters used, and where they came from:", ""]
         part = summary.xs((dataset, model), level=("dataset", "model"))
         for method in sorted(part.index, key=method_sort_key):
