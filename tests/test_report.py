@@ -237,6 +237,12 @@ def test_eisam_against_each_baseline_is_paired_on_the_seeds_both_ran(bench):
         row = results[(results["method"] == "erm") & (results["seed"] == seed) & (results["model"] == "M")].iloc[0].copy()
         row["method"], row["topk_file"] = "sam", topk
         rows.append(row)
+    # an ablation that ran seed 3 only and ranked exactly as EISAM did: zero differences
+    (open(os.path.join(out, "runs/noweight-3.tsv"), "w")
+     .write(open(os.path.join(out, "runs/eisam-3.tsv")).read()))
+    row = results[(results["method"] == "eisam") & (results["seed"] == 3)].iloc[0].copy()
+    row["method"], row["topk_file"] = "eisam_noweight", "runs/noweight-3.tsv"
+    rows.append(row)
     pd.concat([results, pd.DataFrame(rows)]).to_csv(os.path.join(out, "results.csv"), index=False)
 
     diffs = np.concatenate([
@@ -252,5 +258,6 @@ def test_eisam_against_each_baseline_is_paired_on_the_seeds_both_ran(bench):
     assert float(cells[3]) == pytest.approx(diffs[tail_rows].mean(), abs=5e-6)
     assert float(cells[4]) == pytest.approx(stats.wilcoxon(diffs[tail_rows]).pvalue, rel=1e-3, abs=1e-3)
     assert cells[5] == "1, 2"
-    # ERM and the ablation-like 'same' are no long-tail baselines: no head-to-head row
+    assert "| eisam_noweight (ablation) | 0.00000 | 1.000 | 0.00000 | 1.000 | 3 |" in text
+    # neither ERM nor an unknown method gets a head-to-head row
     assert not any(l.startswith(("| erm | ", "| same | ")) and l.count("|") == 7 for l in text.splitlines())

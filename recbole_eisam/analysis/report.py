@@ -15,9 +15,9 @@ What the report computes (stated again at the top of REPORT.md):
   test. ``p_tail`` uses only the users whose test target is a tail item of the training
   split, ``p_all`` every user. When every difference is zero the p-value is 1. P-values of
   each seed alone are listed in an appendix;
-* **EISAM against each long-tail baseline**: the same test with EISAM as the reference
-  (same model, same seeds), so that "EISAM ahead of baseline X on the tail" comes with its
-  paired difference and p-value rather than a difference of means alone;
+* **EISAM against each long-tail baseline and ablation**: the same test with EISAM as the
+  reference (same model, same seeds), so that "EISAM ahead of baseline X on the tail" comes
+  with its paired difference and p-value rather than a difference of means alone;
 * **plots**: head vs tail NDCG@10 per method (bars, mean +- std over seeds) and NDCG@10 by
   popularity decile of the target item (deciles of the items ranked by training frequency,
   10 equal-size item groups, 1 = most popular; per-user values pooled over seeds).
@@ -55,7 +55,9 @@ DDOF = 1
 K = 10
 #: the methods the paper's bar compares EISAM with
 LONGTAIL_BASELINES = ("sam", "imbsam", "reweight", "logit_adjust")
-METHOD_ORDER = ("erm",) + LONGTAIL_BASELINES + ("eisam", "eisam_head", "eisam_noweight", "reweight_only")
+#: EISAM with one part changed (the grid's ablations)
+ABLATIONS = ("eisam_head", "eisam_noweight", "reweight_only")
+METHOD_ORDER = ("erm",) + LONGTAIL_BASELINES + ("eisam",) + ABLATIONS
 WILCOXON_ARGS = {"zero_method": "wilcox", "alternative": "two-sided"}
 
 
@@ -385,30 +387,33 @@ def bar_lines(summary, dataset, model):
 
 
 def head_to_head_lines(against_eisam, dataset, model, k=K):
-    """EISAM against each long-tail baseline on the same users and seeds, as a table.
+    """EISAM against each long-tail baseline, then each ablation, on the same users and
+    seeds, as a table.
 
     ``against_eisam`` is :func:`paired_tests` with ``reference="eisam"``: its differences are
     baseline - EISAM, shown here as EISAM - baseline (positive: EISAM ahead). Empty when no
-    baseline has a seed in common with EISAM.
+    baseline or ablation has a seed in common with EISAM.
     """
     lines = []
-    for method in LONGTAIL_BASELINES:
+    for method in LONGTAIL_BASELINES + ABLATIONS:
         key = (dataset, model, method)
         if key not in against_eisam.index or not against_eisam.loc[key, "per_seed"]:
             continue
         test = against_eisam.loc[key]
         lines.append(
-            f"| {method} | {_fmt(0.0 - test['mean_diff_all'], 5)} | {_fmt_p(test['p_all'])} | "
+            f"| {method}{' (ablation)' if method in ABLATIONS else ''} | "
+            f"{_fmt(0.0 - test['mean_diff_all'], 5)} | {_fmt_p(test['p_all'])} | "
             f"{_fmt(0.0 - test['mean_diff_tail'], 5)} | {_fmt_p(test['p_tail'])} | "
             f"{', '.join(str(s) for s in sorted(test['per_seed']))} |"
         )
     if not lines:
         return []
     return [
-        "EISAM against each long-tail baseline, paired on the same users and seed (per-user "
-        f"NDCG@{k}, EISAM - baseline, pooled over the seeds both ran; Wilcoxon as above):",
+        "EISAM against each long-tail baseline and ablation, paired on the same users and seed "
+        f"(per-user NDCG@{k}, EISAM - other method, pooled over the seeds both ran; Wilcoxon as "
+        "above):",
         "",
-        f"| baseline | Δ NDCG@{k} (all) | p (all) | Δ NDCG@{k} (tail users) | p (tail) | seeds |",
+        f"| method | Δ NDCG@{k} (all) | p (all) | Δ NDCG@{k} (tail users) | p (tail) | seeds |",
         "|---|---|---|---|---|---|",
     ] + lines
 
