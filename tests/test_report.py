@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -234,12 +235,12 @@ def test_eisam_against_each_baseline_is_paired_on_the_seeds_both_ran(bench):
     for seed in (1, 2):  # the baseline ran two of EISAM's three seeds
         topk = f"runs/sam-{seed}.tsv"
         _topk(os.path.join(out, topk), targets, rng)
-        row = results[(results["method"] == "erm") & (results["seed"] == seed) & (results["model"] == "M")].iloc[0].copy()
+        erm = (results["method"] == "erm") & (results["seed"] == seed) & (results["model"] == "M")
+        row = results[erm].iloc[0].copy()
         row["method"], row["topk_file"] = "sam", topk
         rows.append(row)
     # an ablation that ran seed 3 only and ranked exactly as EISAM did: zero differences
-    (open(os.path.join(out, "runs/noweight-3.tsv"), "w")
-     .write(open(os.path.join(out, "runs/eisam-3.tsv")).read()))
+    shutil.copyfile(os.path.join(out, "runs/eisam-3.tsv"), os.path.join(out, "runs/noweight-3.tsv"))
     row = results[(results["method"] == "eisam") & (results["seed"] == 3)].iloc[0].copy()
     row["method"], row["topk_file"] = "eisam_noweight", "runs/noweight-3.tsv"
     rows.append(row)
@@ -254,9 +255,9 @@ def test_eisam_against_each_baseline_is_paired_on_the_seeds_both_ran(bench):
     line = next(l for l in text.splitlines() if l.startswith("| sam | ") and l.count("|") == 7)
     cells = [c.strip() for c in line.strip("|").split("|")]
     assert float(cells[1]) == pytest.approx(diffs.mean(), abs=5e-6)  # EISAM - baseline
-    assert float(cells[2]) == pytest.approx(stats.wilcoxon(diffs).pvalue, rel=1e-3, abs=1e-3)
+    assert float(cells[2]) == pytest.approx(stats.wilcoxon(diffs).pvalue, abs=5e-4)  # 3 decimals
     assert float(cells[3]) == pytest.approx(diffs[tail_rows].mean(), abs=5e-6)
-    assert float(cells[4]) == pytest.approx(stats.wilcoxon(diffs[tail_rows]).pvalue, rel=1e-3, abs=1e-3)
+    assert float(cells[4]) == pytest.approx(stats.wilcoxon(diffs[tail_rows]).pvalue, abs=5e-4)
     assert cells[5] == "1, 2"
     assert "| eisam_noweight (ablation) | 0.00000 | 1.000 | 0.00000 | 1.000 | 3 |" in text
     # neither ERM nor an unknown method gets a head-to-head row
