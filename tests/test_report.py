@@ -144,6 +144,23 @@ def test_decile_curve(bench):
     assert sum(curve["counts"]) == N_USERS
 
 
+
+def test_decile_table_lists_every_method_and_decile(bench):
+    out, _ = bench
+    curve = report.decile_curves(report.load_results(out), out)[("toy", "M")]
+    lines = report.decile_table_lines(curve)
+    rows = {line.split(" | ")[0].strip("| *"): line for line in lines if line.startswith("| ")}
+    assert set(rows) == {"method", "erm", "eisam", "same"}
+    assert rows["method"].count("(n=") == 10
+    for method in ("erm", "eisam"):
+        cells = [c.strip() for c in rows[method].strip("|").split("|")[1:]]
+        expected = [report._fmt(v) for v in curve["methods"][method]]
+        assert cells == expected and len(cells) == 10
+    assert "**eisam**" in rows["eisam"]
+    # without plots the report still carries the numbers
+    text = open(report.build_report(out, plots=False)).read()
+    assert rows["erm"] in text and not os.path.exists(os.path.join(out, "plots"))
+
 def test_report_file_and_plots(bench):
     out, _ = bench
     path = report.build_report(out)

@@ -331,6 +331,24 @@ def _used_params(results, dataset, model, method):
     return used
 
 
+def decile_table_lines(curve, k=K):
+    """The decile curve as a Markdown table: one row per method, one column per decile."""
+    counts = curve["counts"]
+    header = ["method"] + [f"{d} (n={c})" for d, c in enumerate(counts, start=1)]
+    lines = [
+        f"NDCG@{k} by training-popularity decile of the test target (1 = most frequent items; "
+        "n = test users per seed; users pooled over seeds):",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
+    for method in sorted(curve["methods"], key=method_sort_key):
+        cells = [f"**{method}**" if method == "eisam" else method]
+        cells += [_fmt(value) for value in curve["methods"][method]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def model_table(summary, tests, dataset, model, metrics=METRICS):
     """Markdown table of one model: metrics (mean ± std (Δ vs ERM)), p-values, seeds."""
     part = summary.xs((dataset, model), level=("dataset", "model"))
@@ -532,7 +550,7 @@ def build_report(out, k=K, plots=True):
     summary = summarize(results)
     tests = paired_tests(results, out, k, cache)
     against_eisam = paired_tests(results, out, k, cache, reference="eisam")
-    curves = decile_curves(results, out, k, cache) if plots else {}
+    curves = decile_curves(results, out, k, cache)
     plot_dir = os.path.join(out, "plots")
     if plots:
         os.makedirs(plot_dir, exist_ok=True)
@@ -592,6 +610,8 @@ def build_report(out, k=K, plots=True):
                 name = f"deciles_{_slug(dataset)}_{_slug(model)}.png"
                 plot_deciles(curves[(dataset, model)], dataset, model, os.path.join(plot_dir, name))
                 lines += [f"![NDCG@10 by popularity decile, {model}](plots/{name})", ""]
+        if (dataset, model) in curves:
+            lines += decile_table_lines(curves[(dataset, model)], k) + [""]
         for method in sorted(part.index, key=method_sort_key):
             if (dataset, model, method) in tests.index:
                 test = tests.loc[(dataset, model, method)]
