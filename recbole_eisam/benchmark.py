@@ -30,6 +30,9 @@ contents of the YAML files, the package's defaults for the model and dataset inc
 Every row names the machine it ran on (CPU or GPU, cores, torch); a grid refuses to add
 rows to a folder whose rows ran on another machine, because float32 kernels differ between
 CPUs and the same run gives other numbers there (``--allow_mixed_machines`` overrides).
+It also refuses a folder whose rows ran with other settings for the same model, method,
+seed and hyper-parameters (a changed grid ``config``, ``--key=value`` override or package
+default): resuming there would put two set-ups side by side in one report.
 Stopping the grid (Ctrl-C, a crash) loses at most the run in progress. A run that raises
 is logged to ``<out>/failures.log`` and the grid goes on; it is retried on the next
 invocation.
@@ -642,8 +645,35 @@ class Benchmark:
                         f"(or --allow_mixed_machines to add this machine's rows anyway)."
                     )
 
+    def check_settings(self):
+        """Refuse to add rows to a folder whose rows ran with other settings: a stored row
+        of a model and method of this grid whose seed and hyper-parameters this grid would
+        run under another signature. Rows of other datasets, models or methods are not checked."""
+        models = set(self.grid.models) | set(self.grid.reference_models)
+        for path in (self.results_path, self.tuning_path):
+            for row in read_rows(path):
+                if row.get("dataset") != self.grid.dataset or row.get("model") not in models:
+                    continue
+                if row.get("method") not in METHODS:
+                    continue
+                try:
+                    params = json.loads(row.get("params") or "{}")
+                    seed = int(row["seed"])
+                except (TypeError, ValueError, KeyError):
+                    continue
+                spec = self.spec(row["model"], row["method"], seed, params, row.get("stage") or "final")
+                if spec.signature != row.get("signature"):
+                    raise GridError(
+                        f"{path} holds {spec.label()} run with other settings (signature "
+                        f"{row.get('signature')}, this grid gives {spec.signature}): the grid's "
+                        f"config, a --key=value override or a package default under properties/ "
+                        f"changed since, so pass --out=<a new folder> or run the revision that "
+                        f"made this one."
+                    )
+
     def run(self):
         self.check_machine()
+        self.check_settings()
         os.makedirs(self.out, exist_ok=True)
         for model, methods in self.plan():
             item_stats = self.item_stats_file(model)

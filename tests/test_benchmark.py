@@ -112,10 +112,12 @@ def test_resume_does_not_repeat_finished_runs(tmp_path, fake, monkeypatch):
     Benchmark(_grid(), out, log=lambda *_: None).run()
     assert third.calls == []
     assert len(pd.read_csv(os.path.join(out, "results.csv"))) == 12
-    # another global override is another signature: everything runs again
+    # another global override is another signature: not resumed, and not mixed into this folder
     fourth = FakeRuns()
     monkeypatch.setattr(benchmark, "execute_run", fourth)
-    Benchmark(_grid(), out, overrides={"epochs": 1}, log=lambda *_: None).run()
+    with pytest.raises(GridError, match="other settings"):
+        Benchmark(_grid(), out, overrides={"epochs": 1}, log=lambda *_: None).run()
+    Benchmark(_grid(), str(tmp_path / "epochs1"), overrides={"epochs": 1}, log=lambda *_: None).run()
     assert len(fourth.calls) == EXPECTED_RUNS
 
 
@@ -229,3 +231,36 @@ def test_grid_refuses_a_folder_of_another_machine(tmp_path, fake, monkeypatch):
     assert len(second.calls) == EXPECTED_RUNS - 5
     machines = pd.concat([pd.read_csv(os.path.join(out, f)) for f in ("tuning.csv", "results.csv")])["machine"]
     assert set(machines) == {"CPU A, 2 cores, torch 2.13.0", "CPU B, 2 cores, torch 2.13.0"}
+
+
+def test_grid_refuses_a_folder_made_with_other_settings(tmp_path, fake, monkeypatch):
+    """Resuming after a change of the grid's config or of a package default would put two
+    set-ups in one report: refused before any run, with the folder and the run named."""
+    from recbole_eisam import quick_start
+
+    out = str(tmp_path / "out")
+    layer = tmp_path / "A.yaml"
+    layer.write_text("epochs: 5\n")
+    monkeypatch.setattr(quick_start, "default_config_files", lambda model, dataset: [str(layer)])
+    first = FakeRuns(stop_after=3)
+    monkeypatch.setattr(benchmark, "execute_run", first)
+    with pytest.raises(KeyboardInterrupt):
+        Benchmark(_grid(), out, log=lambda *_: None).run()
+    stored = pd.read_csv(os.path.join(out, "results.csv"))
+    assert len(stored) + len(pd.read_csv(os.path.join(out, "tuning.csv"))) == 3
+
+    later = FakeRuns()
+    monkeypatch.setattr(benchmark, "execute_run", later)
+    with pytest.raises(GridError, match=r"results\.csv holds A erm seed 1 run with other settings"):
+        Benchmark(_grid(config={"epochs": 4}), out, log=lambda *_: None).run()
+    layer.write_text("epochs: 6\n")  # a package default changed
+    with pytest.raises(GridError, match=r"package default under properties/"):
+        Benchmark(_grid(), out, log=lambda *_: None).run()
+    assert later.calls == []
+    # the settings the folder was made with resume it; another folder takes the new ones
+    layer.write_text("epochs: 5\n")
+    Benchmark(_grid(), out, log=lambda *_: None).run()
+    assert len(later.calls) == EXPECTED_RUNS - 3
+    layer.write_text("epochs: 6\n")
+    Benchmark(_grid(), str(tmp_path / "new"), log=lambda *_: None).run()
+    assert len(later.calls) == 2 * EXPECTED_RUNS - 3
