@@ -17,7 +17,7 @@ import argparse
 import numpy as np
 import pandas as pd
 
-from recbole_eisam.analysis.report import K, _fmt, _fmt_p, wilcoxon_p
+from recbole_eisam.analysis.report import K, _fmt, _fmt_p, decile_table_lines, wilcoxon_p
 from recbole_eisam.analysis.topk import annotate_targets, paired_rows, read_item_stats, read_topk
 
 
@@ -80,11 +80,8 @@ def report_lines(result, k=K):
             f"Wilcoxon p = {_fmt_p(result['p_tail'])}"
         )
         deciles = result["deciles"]
-        header = ["run"] + [f"{d} (n={c})" for d, c in enumerate(deciles["counts"], start=1)]
-        lines += ["", f"NDCG@{k} by training-popularity decile of the target (pooled over the pairs):", "",
-                  "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        for side in ("a", "b"):
-            lines.append("| " + " | ".join([side] + [_fmt(v) for v in deciles[side]]) + " |")
+        curve = {"methods": {side: deciles[side] for side in ("a", "b")}, "counts": deciles["counts"]}
+        lines += [""] + decile_table_lines(curve, k)
     return lines
 
 
