@@ -41,6 +41,7 @@ def _config(topk=(1, 3)):
 class _TrainData:
     class dataset:
         item_counter = COUNTS
+        item_num = 7
 
         @staticmethod
         def num(field):

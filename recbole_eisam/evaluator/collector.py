@@ -6,14 +6,21 @@ head or a tail item. :class:`TailCollector` adds the resource ``rec.gt_items`` (
 internal item id per row) and fixes ``get_data_struct`` of RecBole 1.2.1, which calls
 ``.cpu()`` on non-tensor resources (``data.num_items``, ``data.count_items``) and so
 crashes whenever ``ItemCoverage``, ``GiniIndex`` or ``AveragePopularity`` is requested.
+``data.count_items`` counts every interaction of the training split
+(:func:`recbole_eisam.utils.longtail.item_counts`), the one popularity that the head / tail
+metrics, the weights and the reports share; RecBole's would leave out each user's first
+interaction.
 
 ``recbole_eisam.registry`` installs it as the collector of RecBole's trainers.
 """
 
 import copy
+from collections import Counter
 
 import torch
 from recbole.evaluator.collector import Collector
+
+from recbole_eisam.utils.longtail import item_counts
 
 GT_ITEMS = "rec.gt_items"
 
@@ -23,6 +30,13 @@ class TailCollector(Collector):
 
     #: per-batch resources, reset after every evaluation
     batch_keys = ("rec.topk", "rec.meanrank", "rec.score", "rec.items", "data.label", GT_ITEMS)
+
+    def data_collect(self, train_data):
+        super().data_collect(train_data)
+        if self.register.need("data.count_items"):
+            counts = item_counts(train_data.dataset)
+            nonzero = torch.nonzero(counts).flatten().tolist()
+            self.data_struct.set("data.count_items", Counter({i: int(counts[i]) for i in nonzero}))
 
     def eval_batch_collect(self, scores_tensor, interaction, positive_u, positive_i):
         super().eval_batch_collect(scores_tensor, interaction, positive_u, positive_i)
