@@ -62,18 +62,14 @@ import time
 
 from recbole_eisam.cli import build_parser, config_files_option, main_guard, parse_overrides
 from recbole_eisam.errors import EISAMError
+from recbole_eisam.methods import TRAIN_METHODS
 from recbole_eisam.utils.machine import device_name
 
-#: method name -> config overrides that select it
+#: method name -> config overrides that select it: every train_method, and EISAM in both scopes
 METHODS = {
-    "erm": {"train_method": "erm"},
-    "sam": {"train_method": "sam"},
+    **{name: {"train_method": name} for name in TRAIN_METHODS},
     "eisam_all": {"train_method": "eisam", "eisam_scope": "all"},
     "eisam_head": {"train_method": "eisam", "eisam_scope": "head"},
-    "eisam": {"train_method": "eisam"},
-    "imbsam": {"train_method": "imbsam"},
-    "reweight": {"train_method": "reweight"},
-    "logit_adjust": {"train_method": "logit_adjust"},
 }
 DEFAULT_METHODS = ("erm", "sam", "eisam_all", "eisam_head")
 MiB = 1024.0 * 1024.0

@@ -42,6 +42,8 @@ NUMBER_KEYS = (
     "logit_adjust_tau",
     "train_sample_num",
     "gradient_accumulation_steps",
+    "eisam_start_epoch",
+    "imbsam_eta",
 )
 
 

@@ -161,12 +161,24 @@ def test_debug_shows_the_traceback(tiny_data, tmp_path):
         ("--lr_scheduler=step", ["lr_scheduler", "'step'", "cosine"]),
         ("--lr_warmup_steps=-3", ["lr_warmup_steps", "integer >= 0", "-3"]),
         ("--reweight_eisam_weight=yes", ["reweight_eisam_weight", "True or False", "'yes'"]),
+        ("--eisam_weight_norm=sum", ["eisam_weight_norm", "'sum'", "max, mean"]),
+        ("--base_loss=focal", ["base_loss", "'focal'", "logit_adjust"]),
+        ("--train_method=erm --base_loss=logit_adjust", ["train_method=erm", "base_loss=logit_adjust"]),
+        ("--imbsam_split=median", ["imbsam_split", "'median'", "eta"]),
+        ("--imbsam_eta=0", ["imbsam_eta", "integer >= 1", "got 0"]),
+        ("--imbsam_eta=abc", ["imbsam_eta", "'abc'"]),
+        ("--eisam_start_epoch=-2", ["eisam_start_epoch", "integer >= 0", "-2"]),
+        ("--eisam_start_epoch=1.5", ["eisam_start_epoch", "integer >= 0", "1.5"]),
+        ("--logit_adjust_tau=-1", ["logit_adjust_tau", ">= 0", "-1"]),
+        ("--train_method=logit_adjust_posthoc --logit_adjust_tau=0", ["logit_adjust_posthoc", "logit_adjust_tau > 0"]),
+        ("--reweight_beta=nan", ["reweight_beta", "must be a number", "nan"]),
     ],
 )
 def test_bad_values_are_refused_before_loading_data(override, needles, tmp_path, capsys):
     # an empty data_path: the value must be refused before the (missing) data is looked at
-    argv = ["--model=SASRec", "--dataset=tiny", f"--data_path={tmp_path / 'empty'}", override]
+    argv = ["--model=SASRec", "--dataset=tiny", f"--data_path={tmp_path / 'empty'}", *override.split()]
     code = main_guard(_script_main(), argv)
+    assert code == 2
     assert_one_line_error(code, capsys.readouterr().err, *needles)
 
 

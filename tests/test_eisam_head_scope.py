@@ -8,8 +8,10 @@ one head-scope step is exactly -G, where (docs/EISAM.md, "Where the perturbation
 
 SASRec's item embedding E is tied (input lookup and output layer): the head is its OUTPUT
 use, so the reference below gives the loss two separate arguments, E_in for the lookup and
-E_out for the logits, and perturbs E_out only. Item frequencies come from the batch targets
+E_out for the logits, and perturbs E_out only. Item frequencies come from the batch itself
 (never the trainer's helpers); the reference uses torch.func.functional_call and autograd.
+LLMRec's test runs with head and LoRA dropout: the head at theta + e must see the masks
+of the head at theta.
 """
 
 
@@ -64,9 +66,7 @@ def grad(value, p):
 
 
 def power_weights(batch, n_items, dtype, alpha=0.5, c=1.0):
-    n = torch.bincount(batch["item_id"], minlength=n_items).to(dtype)
-    raw = (n + c) ** -alpha
-    return f32(raw / ((n * raw).sum() / n.sum()))
+    return test_eisam_step.power_weights(batch, n_items, alpha, c, dtype)
 
 
 def head_G(model, theta, batch, w, lam, rho=RHO, **kw):
@@ -115,12 +115,16 @@ def test_head_step_equals_minus_G(setup, dtype, tol):
     assert rel_err(delta, {k: -v for k, v in delta_all.items()}) > 1e-4
 
 
-def test_head_step_with_logit_adjust_and_reweight(setup):
+@pytest.mark.parametrize(
+    "keys,kw", [(dict(train_method="eisam_la"), dict(tau=1.0)), (dict(train_method="eisam_rw", reweight_beta=0.5),
+                                                                  dict(beta=0.5))]
+)
+def test_head_step_on_an_adjusted_base_loss(setup, keys, kw):
     _, train_data, batch = setup
-    trainer, model = make_trainer(setup, torch.float64, reweight_beta=0.5, logit_adjust_tau=1.0)
+    trainer, model = make_trainer(setup, torch.float64, **keys)
     delta, before = one_step(trainer, model, train_data)
     w = power_weights(batch, model.n_items, torch.float64)
-    G = head_G(model, before, batch, w, lam=1.0, tau=1.0, beta=0.5)
+    G = head_G(model, before, batch, w, lam=1.0, **kw)
     assert rel_err(delta, G) < 1e-10
 
 
@@ -177,7 +181,7 @@ def test_zero_head_gradient_gives_erm(setup):
 
 def test_scope_validation(setup):
     config, _, _ = setup
-    with pytest.raises(ValueError, match="eisam_scope must be 'all' or 'head'"):
+    with pytest.raises(ValueError, match="eisam_scope must be one of all, head"):
         make_trainer(setup, eisam_scope="backbone")
     config["eisam_scope"] = "head"
     model = get_model("SASRec")(config, setup[1]._dataset)
@@ -204,6 +208,7 @@ def test_llmrec_head_step_equals_minus_G(llm_head_config):
     trainer = EISAMTrainer(cfg, model)
     trainer.setup_item_weights(train.dataset)
     theta = {n: p.detach().clone() for n, p in trainable.items()}
+    state = torch.random.get_rng_state()
     trainer._step([batch], torch.amp.GradScaler("cuda", enabled=False))
     delta = {n: trainable[n].detach() - theta[n] for n in trainable}
 
@@ -217,12 +222,18 @@ def test_llmrec_head_step_equals_minus_G(llm_head_config):
 
     scorer = Score(model)
     target = batch[model.POS_ITEM_ID]
-    counts = torch.bincount(train.dataset.inter_feat[model.ITEM_ID], minlength=model.n_items).double()
-    raw = (counts + 1.0) ** -0.5  # power weights, normalised to mean 1 over the training split
-    wj = (raw / ((counts * raw).sum() / counts.sum())).float()[target]
+    feat = train.dataset.inter_feat
+    first = feat[model.ITEM_SEQ][feat[model.ITEM_SEQ_LEN] == 1, 0]  # each user's first item
+    counts = (torch.bincount(feat[model.ITEM_ID], minlength=model.n_items)
+              + torch.bincount(first, minlength=model.n_items)).double()
+    raw = (counts + 1.0) ** -0.5  # power weights, the rarest training item's weight 1
+    wj = (raw / raw[counts > 0].max()).float()[target]
 
-    def per_sample(p, head):
+    def per_sample(p, head, fresh=False):
+        torch.random.set_rng_state(state)  # the masks of the trainer's pass 1, backbone and head
         hidden = functional_call(model, p, (batch[model.ITEM_SEQ], batch[model.ITEM_SEQ_LEN]))
+        if fresh:  # draw pass 1's head masks, so that the head below draws new ones
+            scorer(hidden.detach())
         logits = functional_call(scorer, {f"m.{k}": v for k, v in head.items()}, (hidden,))
         return F.cross_entropy(logits, target, reduction="none")
 
@@ -241,6 +252,10 @@ def test_llmrec_head_step_equals_minus_G(llm_head_config):
     G = {k: g[k] - lam * g_lw[k] + lam * g_lw_e[k] for k in g}
     assert rel_err(delta, G) < 1e-5
     assert any("lora_" in k and G[k].abs().sum() > 0 for k in G)  # the backbone is trained too
+    # the head's dropout matters: a pass 2 that drew fresh head masks would be far from this step
+    p = leaves(theta)
+    g_fresh = grad((wj * per_sample(p, {k: p[k] + e[k] for k in names}, fresh=True)).mean(), p)
+    assert rel_err(delta, {k: g[k] - lam * g_lw[k] + lam * g_fresh[k] for k in g}) > 1e-3
 
 
 @pytest.fixture
@@ -251,5 +266,5 @@ def llm_head_config(tiny_config_dict, tmp_path):
         tiny_config_dict, folder, tmp_path / "llm_cache",
         train_batch_size=32, train_sample_num=0, learner="sgd", learning_rate=1.0, clip_grad_norm=None,
         train_method="eisam", eisam_scope="head", eisam_lambda=0.7, eisam_rho=RHO, eisam_weight="power",
-        eisam_alpha=0.5, eisam_c=1.0,
+        eisam_alpha=0.5, eisam_c=1.0, eisam_weight_norm="max", head_dropout=0.5, lora_dropout=0.3,
     )

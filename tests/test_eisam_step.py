@@ -2,8 +2,10 @@
 
 Tiny SASRec, dropout 0, SGD with learning rate 1 and one full batch (every training sample):
 the parameter change of one step is exactly -G. The reference G is built here with
-``torch.func.functional_call`` and plain autograd from the per-sample cross-entropy,
-with item frequencies counted from the batch targets themselves (never the trainer's helpers).
+``torch.func.functional_call`` and plain autograd from the per-sample cross-entropy, with
+item frequencies counted from the batch itself (its targets, plus each user's first item,
+the history of the rows of length 1), never with the trainer's helpers. The tests with
+dropout > 0 draw the reference's masks from the random state the trainer's step began with.
 """
 
 import math
@@ -71,8 +73,10 @@ def setup(tmp_path_factory):
 def make_trainer(setup, dtype=torch.float32, **keys):
     config, train_data, _ = setup
     base = {"train_method": "erm", "eisam_lambda": 1.0, "eisam_weight": "power", "eisam_alpha": 0.5, "eisam_rho": RHO,
+            "eisam_weight_norm": "max", "base_loss": None, "imbsam_split": "eta", "imbsam_eta": 20,
             "gradient_accumulation_steps": 1, "learning_rate": 1.0, "clip_grad_norm": None,
-            "reweight_beta": None, "reweight_eisam_weight": False, "logit_adjust_tau": None}
+            "reweight_beta": None, "reweight_eisam_weight": False, "logit_adjust_tau": None,
+            "hidden_dropout_prob": 0.0, "attn_dropout_prob": 0.0}
     for key, value in {**base, **keys}.items():
         config[key] = value
     init_seed(config["seed"], True)
@@ -96,15 +100,25 @@ def f32(x):
     return x.float().to(x.dtype)
 
 
-def losses(model, params, e_out, batch, tau=0.0, beta=0.0):
+def train_counts(batch, n_items):
+    """Every training interaction of the full batch: the targets, and each user's first item
+    (the one-item history of that user's first row, never a target)."""
+    first = batch["item_id_list"][batch["item_length"] == 1, 0]
+    return torch.bincount(batch["item_id"], minlength=n_items) + torch.bincount(first, minlength=n_items)
+
+
+def losses(model, params, e_out, batch, tau=0.0, beta=0.0, seed=None):
     """Per-sample CE with the backbone (and the input lookup) at ``params`` and the output
-    layer ``e_out``: logits = forward(params) @ e_out^T (optionally logit-adjusted / re-weighted)."""
+    layer ``e_out``: logits = forward(params) @ e_out^T, on the logit-adjusted loss
+    (logits + tau log prior) or the re-weighted one; dropout masks from ``seed``'s state."""
+    if seed is not None:
+        torch.random.set_rng_state(seed)
     seq_output = functional_call(model, params, (batch["item_id_list"], batch["item_length"]))
     logits = seq_output @ e_out.T
     target = batch["item_id"]
-    n = torch.bincount(target, minlength=logits.size(1)).to(logits.dtype)
+    n = train_counts(batch, logits.size(1)).to(logits.dtype)
     if tau:
-        logits = logits - tau * f32(torch.log(n.clamp(min=1) / n.sum()))
+        logits = logits + tau * f32(torch.log(n.clamp(min=1) / n.sum()))
     loss = F.cross_entropy(logits, target, reduction="none")
     if beta:
         r = n.clamp(min=1) ** -beta
@@ -112,9 +126,9 @@ def losses(model, params, e_out, batch, tau=0.0, beta=0.0):
     return loss
 
 
-def batch_losses(model, params, batch, tau=0.0, beta=0.0):
+def batch_losses(model, params, batch, tau=0.0, beta=0.0, seed=None):
     """Per-sample CE of the batch at ``params`` (tied input / output item embedding)."""
-    return losses(model, params, params["item_embedding.weight"], batch, tau, beta)
+    return losses(model, params, params["item_embedding.weight"], batch, tau, beta, seed)
 
 
 def grad_of(fn, params):
@@ -155,21 +169,24 @@ def rel_err(delta, G):
     return (num / norm(G)).item()
 
 
-def power_weights(batch, n_items, alpha=0.5, c=1.0, dtype=torch.float64):
-    n = torch.bincount(batch["item_id"], minlength=n_items).to(dtype)
+def power_weights(batch, n_items, alpha=0.5, c=1.0, dtype=torch.float64, norm="max"):
+    n = train_counts(batch, n_items).to(dtype)
     raw = (n + c) ** -alpha
+    if norm == "max":
+        return f32(raw / raw[n > 0].max())
     return f32(raw / ((n * raw).sum() / n.sum()))
 
 
 # ------------------------------------------------------------------ tests
 
 
+@pytest.mark.parametrize("norm", ["max", "mean"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-10)])
-def test_eisam_step_equals_minus_G(setup, dtype, tol):
+def test_eisam_step_equals_minus_G(setup, dtype, tol, norm):
     _, train_data, batch = setup
-    trainer, model = make_trainer(setup, dtype, train_method="eisam", eisam_lambda=0.7)
+    trainer, model = make_trainer(setup, dtype, train_method="eisam", eisam_lambda=0.7, eisam_weight_norm=norm)
     delta, before = one_step(trainer, model, train_data)
-    w = power_weights(batch, model.n_items, dtype=dtype)
+    w = power_weights(batch, model.n_items, dtype=dtype, norm=norm)
     G = sharpness_G(model, before, batch, w, lam=0.7)
     assert rel_err(delta, G) < tol
     # the sharpness term matters: plain ERM is far from this step
@@ -177,7 +194,8 @@ def test_eisam_step_equals_minus_G(setup, dtype, tol):
     assert trainer.epoch_stats["mean_sharpness"] > 0
 
 
-@pytest.mark.parametrize("keys", [dict(train_method="eisam", eisam_lambda=0.0), dict(train_method="erm")])
+@pytest.mark.parametrize("keys", [dict(train_method="eisam", eisam_lambda=0.0), dict(train_method="erm"),
+                                  dict(train_method="logit_adjust_posthoc")])
 def test_lambda_zero_is_erm(setup, keys):
     _, train_data, batch = setup
     trainer, model = make_trainer(setup, torch.float64, **keys)
@@ -188,7 +206,7 @@ def test_lambda_zero_is_erm(setup, keys):
 
 def test_sam_preset_is_sam(setup):
     _, train_data, batch = setup
-    trainer, model = make_trainer(setup, torch.float64, train_method="sam", eisam_lambda=0.3, eisam_weight="log")
+    trainer, model = make_trainer(setup, torch.float64, train_method="sam", eisam_lambda=1.0, eisam_weight="log")
     delta, before = one_step(trainer, model, train_data)
 
     def L(p):
@@ -197,18 +215,26 @@ def test_sam_preset_is_sam(setup):
     g = grad_of(L, before)
     G = grad_of(L, add(before, g, RHO / norm(g)))  # SAM: grad L(theta + rho g/||g||)
     assert rel_err(delta, G) < 1e-10
+    # a tuned lambda mixes the plain and the perturbed gradient: (1 - lambda) g + lambda g(theta + e)
+    trainer, model = make_trainer(setup, torch.float64, train_method="sam", eisam_lambda=0.3)
+    delta, before = one_step(trainer, model, train_data)
+    assert rel_err(delta, {k: 0.7 * g[k] + 0.3 * G[k] for k in g}) < 1e-10
 
 
-def test_imbsam_preset_is_imbsam(setup):
+@pytest.mark.parametrize("split", ["eta", "head_ratio"])
+def test_imbsam_preset_is_imbsam(setup, split):
     _, train_data, batch = setup
-    trainer, model = make_trainer(setup, torch.float64, train_method="imbsam")
+    trainer, model = make_trainer(setup, torch.float64, train_method="imbsam", imbsam_split=split, imbsam_eta=4)
     delta, before = one_step(trainer, model, train_data)
     target = batch["item_id"]
-    n = torch.bincount(target, minlength=model.n_items)
-    order = sorted(range(1, model.n_items), key=lambda i: (-int(n[i]), i))
-    head = torch.zeros(model.n_items, dtype=torch.bool)
-    head[order[: math.ceil(0.2 * (model.n_items - 1))]] = True
-    is_tail = (~head[target]).double()
+    n = train_counts(batch, model.n_items)
+    if split == "eta":  # ImbSAM's official split: fewer than eta training interactions
+        tail = n < 4
+    else:
+        order = sorted(range(1, model.n_items), key=lambda i: (-int(n[i]), i))
+        tail = torch.ones(model.n_items, dtype=torch.bool)
+        tail[order[: math.ceil(0.2 * (model.n_items - 1))]] = False
+    is_tail = tail[target].double()
     assert 0 < is_tail.mean() < 1
 
     def L_head(p):
@@ -221,19 +247,26 @@ def test_imbsam_preset_is_imbsam(setup):
     g_head = grad_of(L_head, before)
     g_tail_e = grad_of(L_tail, add(before, g_tail, RHO / norm(g_tail)))
     G = {k: g_head[k] + g_tail_e[k] for k in g_head}  # ImbSAM (Zhou et al. 2023)
-    # 1e-7, not 1e-10: lambda * w_j equals 1 up to the float32 rounding of trainer.item_weight
-    assert rel_err(delta, G) < 1e-7
+    assert rel_err(delta, G) < 1e-10
 
 
-def test_reweight_and_logit_adjust_combine_with_sharpness(setup):
+@pytest.mark.parametrize(
+    "keys,kw",
+    [
+        (dict(train_method="eisam_la", logit_adjust_tau=1.0), dict(tau=1.0)),
+        (dict(train_method="eisam_rw", reweight_beta=0.5), dict(beta=0.5)),
+        (dict(train_method="eisam", base_loss="logit_adjust", logit_adjust_tau=0.5), dict(tau=0.5)),
+    ],
+)
+def test_sharpness_on_an_adjusted_base_loss(setup, keys, kw):
+    """EISAM on the logit-adjusted / re-weighted loss: L and L_w are both built from it."""
     _, train_data, batch = setup
-    trainer, model = make_trainer(
-        setup, torch.float64, train_method="eisam", eisam_lambda=1.0, reweight_beta=0.5, logit_adjust_tau=1.0
-    )
+    trainer, model = make_trainer(setup, torch.float64, eisam_lambda=1.0, **keys)
     delta, before = one_step(trainer, model, train_data)
     w = power_weights(batch, model.n_items)
-    G = sharpness_G(model, before, batch, w, lam=1.0, tau=1.0, beta=0.5)
+    G = sharpness_G(model, before, batch, w, lam=1.0, **kw)
     assert rel_err(delta, G) < 1e-10
+    assert rel_err(delta, sharpness_G(model, before, batch, w, lam=1.0)) > 1e-4  # the base loss matters
 
 
 @pytest.mark.parametrize("method,kw", [("reweight", dict(beta=1.0)), ("logit_adjust", dict(tau=1.0))])
@@ -245,6 +278,20 @@ def test_reweight_and_logit_adjust_methods(setup, method, kw):
     assert rel_err(delta, G) < 1e-10
 
 
+def test_logit_adjusted_loss_adds_the_prior():
+    """Menon et al.: the loss form trains on logits + tau log prior. With all-zero logits the
+    loss of a popular target is then lower than a rare one's (the prior does its work),
+    the sign that makes the model learn less of the prior."""
+    from recbole_eisam.trainer import log_prior, per_sample_losses
+
+    counts = torch.tensor([0, 90, 10])
+    prior = log_prior(counts)
+    loss = per_sample_losses(torch.zeros(2, 3), torch.tensor([1, 2]), prior, tau=1.0)
+    expected = -torch.log_softmax(prior, dim=0)[[1, 2]]
+    assert torch.allclose(loss, expected)
+    assert loss[0] < loss[1]
+
+
 def test_reweight_with_eisams_weighting(setup):
     """reweight_only's setting: ERM on the loss weighted by EISAM's own w(n) (power, alpha 1)."""
     _, train_data, batch = setup
@@ -252,7 +299,7 @@ def test_reweight_with_eisams_weighting(setup):
         setup, torch.float64, train_method="reweight", reweight_eisam_weight=True, eisam_alpha=1.0
     )
     delta, before = one_step(trainer, model, train_data)
-    w = power_weights(batch, model.n_items, alpha=1.0)
+    w = power_weights(batch, model.n_items, alpha=1.0, norm="mean")  # loss weights keep the loss's scale
     G = grad_of(lambda p: (w[batch["item_id"]] * batch_losses(model, p, batch)).mean(), before)
     assert rel_err(delta, G) < 1e-10
     plain = grad_of(lambda p: batch_losses(model, p, batch).mean(), before)
@@ -312,3 +359,95 @@ def test_non_finite_norm_skips_step(setup, caplog):
     delta, _ = one_step(trainer, model, train_data)
     assert trainer.epoch_stats["skipped_steps"] == 1
     assert all(torch.count_nonzero(d) == 0 for d in delta.values())
+
+
+# ------------------------------------------------------------------ dropout: one mask per sample
+
+
+def dropout_trainer(setup, **keys):
+    """A float64 EISAM trainer on SASRec with dropout 0.5 (hidden and attention)."""
+    return make_trainer(setup, torch.float64, train_method="eisam", eisam_lambda=1.0,
+                        hidden_dropout_prob=0.5, attn_dropout_prob=0.5, **keys)
+
+
+def step_from(trainer, model, batches, state):
+    """One optimizer step on ``batches`` from the torch random state ``state``: the change of
+    every parameter."""
+    model.train()
+    before = {k: p.detach().clone() for k, p in model.named_parameters()}
+    torch.random.set_rng_state(state)
+    trainer._step(batches, torch.amp.GradScaler("cuda", enabled=False))
+    return {k: p.detach() - before[k] for k, p in model.named_parameters()}, before
+
+
+def test_both_passes_see_the_same_dropout_masks(setup):
+    """With dropout 0.5, the step equals -G where every forward of the reference (at theta
+    and at theta + e) draws its masks from the state the step began with."""
+    _, _, batch = setup
+    trainer, model = dropout_trainer(setup)
+    state = torch.random.get_rng_state()
+    delta, before = step_from(trainer, model, [batch], state)
+    w = power_weights(batch, model.n_items)
+    G = sharpness_G(model, before, batch, w, lam=1.0, seed=state)
+    assert rel_err(delta, G) < 1e-10
+    # fresh masks at theta + e (the second forward drawing on from the first) give another step
+    model.train()
+    torch.random.set_rng_state(state)
+    batch_losses(model, before, batch)  # the masks of pass 1
+    fresh = torch.random.get_rng_state()
+    g = grad_of(lambda p: batch_losses(model, p, batch, seed=state).mean(), before)
+    g_w = grad_of(lambda p: (w[batch["item_id"]] * batch_losses(model, p, batch, seed=state)).mean(), before)
+    shifted = add(before, g_w, RHO / norm(g_w))
+    g_w_e = grad_of(lambda p: (w[batch["item_id"]] * batch_losses(model, p, batch, seed=fresh)).mean(), shifted)
+    mixed = {k: g[k] - g_w[k] + g_w_e[k] for k in g}
+    assert rel_err(delta, mixed) > 1e-3
+
+
+def micro_losses(model, params, micro, counts, seed):
+    """Per-sample CE of each micro-batch in turn, the random state set once before the first:
+    each micro-batch draws the masks it draws in the trainer's pass 1."""
+    torch.random.set_rng_state(seed)
+    out = []
+    for mb in micro:
+        logits = functional_call(model, params, (mb["item_id_list"], mb["item_length"])) @ params[
+            "item_embedding.weight"].T
+        out.append(F.cross_entropy(logits, mb["item_id"], reduction="none"))
+    return torch.cat(out)
+
+
+def test_dropout_masks_with_gradient_accumulation(setup):
+    """Each micro-batch's second forward reuses that micro-batch's first-pass masks."""
+    _, _, batch = setup
+    trainer, model = dropout_trainer(setup, gradient_accumulation_steps=3)
+    micro = [mb for mb in three_micro_batches(setup)]
+    state = torch.random.get_rng_state()
+    delta, before = step_from(trainer, model, micro, state)
+    counts = train_counts(batch, model.n_items)
+    w = power_weights(batch, model.n_items)
+    wj = torch.cat([w[mb["item_id"]] for mb in micro])
+
+    def L(p):
+        return micro_losses(model, p, micro, counts, state).mean()
+
+    def Lw(p):
+        return (wj * micro_losses(model, p, micro, counts, state)).mean()
+
+    g, g_w = grad_of(L, before), grad_of(Lw, before)
+    g_w_e = grad_of(Lw, add(before, g_w, RHO / norm(g_w)))
+    G = {k: g[k] - g_w[k] + g_w_e[k] for k in g}
+    assert rel_err(delta, G) < 1e-10
+
+
+def test_sharpness_term_starts_at_eisam_start_epoch(setup):
+    """eisam_start_epoch: 1 defers the sharpness term: epoch 0 steps on the base loss alone,
+    epoch 1 takes the EISAM step."""
+    _, train_data, batch = setup
+    trainer, model = make_trainer(setup, torch.float64, train_method="eisam_la", eisam_start_epoch=1)
+    delta, before = one_step(trainer, model, train_data)  # epoch 0
+    assert rel_err(delta, grad_of(lambda p: batch_losses(model, p, batch, tau=1.0).mean(), before)) < 1e-10
+    assert "sharpness" not in trainer.epoch_stats or trainer.epoch_stats["mean_sharpness"] == 0
+    before = {k: p.detach().clone() for k, p in model.named_parameters()}
+    trainer._train_epoch(train_data, 1)
+    delta = {k: p.detach() - before[k] for k, p in model.named_parameters()}
+    G = sharpness_G(model, before, batch, power_weights(batch, model.n_items), lam=1.0, tau=1.0)
+    assert rel_err(delta, G) < 1e-10

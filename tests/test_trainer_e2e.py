@@ -50,7 +50,7 @@ def test_each_train_method_trains_and_evaluates(tiny_config_dict, method):
     assert set(result) == {"hit@10", "ndcg@10"} and all(math.isfinite(v) for v in result.values())
     assert trainer.epoch_stats["samples"] == len(train_data.dataset)
     assert math.isfinite(trainer.epoch_stats["train_loss"])
-    if method in ("sam", "imbsam", "eisam"):
+    if TRAIN_METHODS[method].sharpness is not None:
         assert trainer.eisam_lambda > 0 and trainer.epoch_stats["mean_sharpness"] != 0
     else:
         assert trainer.eisam_lambda == 0

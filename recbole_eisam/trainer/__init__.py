@@ -1,10 +1,13 @@
-"""The EISAM trainer family (ERM, SAM, ImbSAM, re-weighting, logit adjustment, EISAM)."""
+"""The EISAM trainer family (ERM, SAM, ImbSAM, re-weighting, logit adjustment, EISAM and its
+compositions): :data:`recbole_eisam.methods.TRAIN_METHODS` lists them."""
 
 from recbole_eisam.trainer.checkpoint import load_checkpoint, save_checkpoint
-from recbole_eisam.trainer.eisam import TRAIN_METHODS, EISAMTrainer, resolve_settings
+from recbole_eisam.methods import TRAIN_METHODS
+from recbole_eisam.trainer.eisam import EISAMTrainer, resolve_settings
 from recbole_eisam.trainer.losses import ADAPTERS, UNSUPPORTED, get_logits_fn, per_sample_losses, unsupported_reason
 from recbole_eisam.trainer.weighting import (
     WEIGHT_FAMILIES,
+    WEIGHT_NORMS,
     item_weights,
     log_prior,
     normalize_weights,
@@ -18,6 +21,7 @@ __all__ = [
     "TRAIN_METHODS",
     "UNSUPPORTED",
     "WEIGHT_FAMILIES",
+    "WEIGHT_NORMS",
     "get_logits_fn",
     "item_weights",
     "load_checkpoint",

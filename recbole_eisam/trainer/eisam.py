@@ -1,64 +1,18 @@
 r"""EISAM: Efficient Item-wise Sharpness-Aware Minimization, as one RecBole trainer.
 
-The method (docs/EISAM.md). With per-sample losses :math:`l_j`, the weight
-:math:`w_j = w(n_{y_j})` of the target item's training frequency (mean 1 over training
-samples), :math:`L = \frac1M\sum_j l_j` and :math:`L_w = \frac1M\sum_j w_j l_j`::
+docs/EISAM.md holds the method: the objective and the update, the special cases (ERM,
+SAM, ImbSAM), the weightings and their normalisations, the base losses, the head scope,
+the schedules, and the cost of each method in passes. In one line::
 
-    min_theta  L(theta) + lambda * [ L_w(theta + e) - L_w(theta) ]
-    e = rho * grad L_w(theta) / ||grad L_w(theta)||                (held constant)
-    G = grad L(theta) - lambda * grad L_w(theta) + lambda * grad L_w(theta + e)
+    G = grad L(theta) - lambda grad L_w(theta) + lambda grad L_w(theta + e),   e = rho grad L_w / ||grad L_w||
 
-``train_method`` picks a setting of this one update (no separate code paths):
-
-============  ==========================================================================
-erm           lambda = 0: one forward and one backward, plain training
-sam           w = 1 (uniform), lambda = 1: G = grad L(theta + e)           (Foret et al.)
-imbsam        w = tail indicator normalised, lambda = tail share of the training samples,
-              so lambda * w_j = 1 on tail items and 0 on head items:
-              G = grad L_head(theta) + grad L_tail(theta + e)               (Zhou et al.)
-eisam         w from ``eisam_weight`` (power | log | focal | tail | uniform), lambda =
-              ``eisam_lambda``
-reweight      ERM on the re-weighted loss (``reweight_beta``, default 1 for this method;
-              ``reweight_eisam_weight: True`` uses EISAM's w(n) as the loss weights instead)
-logit_adjust  ERM on logit-adjusted training logits (``logit_adjust_tau``, default 1)
-============  ==========================================================================
-
-``reweight_beta > 0`` and ``logit_adjust_tau > 0`` change the per-sample loss itself,
-``l_j = r_{y_j} * CE(logits_j - tau * log pi, y_j)``, and apply with *any* train_method
-(e.g. ``eisam`` + ``logit_adjust_tau: 1``): L and L_w are both built from that loss.
-
-``eisam_scope`` says where e lives: ``all`` (every trainable parameter, :meth:`EISAMTrainer._eisam_step`)
-or ``head`` (only the parameters after the backbone, :meth:`EISAMTrainer._eisam_head_step`:
-one backbone forward and one backbone backward per step; the split of each model is in
-:mod:`recbole_eisam.trainer.losses`).
-
-Differences from the literal spec, on purpose:
-
-* ImbSAM: with weights normalised to mean 1, ``lambda = 1`` would scale the tail term by
-  ``1 / tail share``; the ``imbsam`` preset therefore sets lambda to the tail share, which
-  is ImbSAM exactly (a test checks it against ImbSAM's own formula).
-* A zero ``||grad L_w||`` (e.g. an ImbSAM batch without tail items) means ``L_w`` has zero
-  gradient, so ``e = 0`` and ``G = grad L`` exactly: the step is taken with G = grad L
-  (perturbed pass skipped, logged at debug level, counted per epoch). A non-finite norm
-  skips the optimizer step (warning).
-* The norm is computed in float32, or in float64 when the parameters are float64.
-
-Reliability (:meth:`EISAMTrainer.fit`):
-
-* A nan or inf loss stops training before the optimizer step with
-  :class:`~recbole_eisam.errors.NonFiniteLossError` naming the epoch and the step; the
-  best checkpoint saved so far is left untouched (a checkpoint of non-finite weights is
-  never written).
-* SIGINT / SIGTERM: the handler only sets a flag; after the current optimizer step (or at
-  the next epoch boundary, e.g. when the signal came during validation) the trainer writes
-  ``<checkpoint>-resume.safetensors`` and raises
-  :class:`~recbole_eisam.errors.TrainingInterrupted`. :meth:`EISAMTrainer.resume_checkpoint`
-  on that file continues bit-identically, see its docstring for how.
-* Multi-process (RecBole's distributed mode, gloo on CPU, NCCL on GPU): every process
-  computes its shard's sums, one all-reduce gives the global M, loss and L_w sums (and
-  the vote to stop), the all-reduced gradients give e and G of the global batch; rank 0
-  alone writes checkpoints; evaluation gathers every process's rows and computes the
-  metrics once (exact, not an average of per-process metrics).
+``train_method`` (:data:`recbole_eisam.methods.TRAIN_METHODS`) picks a setting of this one
+update; ``eisam_scope`` says where e lives (:meth:`EISAMTrainer._eisam_step`,
+:meth:`EISAMTrainer._eisam_head_step`). Reliability: a nan or inf loss stops training
+before the step (:class:`~recbole_eisam.errors.NonFiniteLossError`) and keeps the last good
+checkpoint; SIGINT / SIGTERM write a checkpoint to resume from bit-identically
+(:meth:`EISAMTrainer._interrupt`, :meth:`EISAMTrainer.resume_checkpoint`); in RecBole's
+distributed mode e and G come from the global batch and the metrics from every process's rows.
 """
 
 import contextlib
@@ -87,29 +41,33 @@ from recbole_eisam.trainer.losses import (
     per_sample_losses,
     unsupported_reason,
 )
+from recbole_eisam.methods import BASE_LOSSES, TRAIN_METHODS
 from recbole_eisam.trainer.weighting import (
     WEIGHT_FAMILIES,
+    WEIGHT_NORMS,
     item_weights,
     log_prior,
-    raw_item_weights,
     reweight_weights,
 )
 from recbole_eisam.utils.longtail import item_counts
 
-TRAIN_METHODS = ("erm", "sam", "imbsam", "reweight", "logit_adjust", "eisam")
-
 DEFAULTS = {  # used when a key is absent from the config (properties/eisam.yaml has them all)
     "train_method": "erm",
+    "base_loss": None,
     "eisam_rho": 0.05,
     "eisam_lambda": 1.0,
     "eisam_weight": "log",
+    "eisam_weight_norm": "max",
     "eisam_alpha": 0.5,
     "eisam_c": 1.0,
     "eisam_gamma": 1.0,
     "eisam_scope": "all",
-    "reweight_beta": None,
+    "eisam_start_epoch": 0,
+    "imbsam_split": "eta",
+    "imbsam_eta": 20,
+    "reweight_beta": 1.0,
     "reweight_eisam_weight": False,
-    "logit_adjust_tau": None,
+    "logit_adjust_tau": 1.0,
     "train_sample_num": 0,
     "gradient_accumulation_steps": 1,
     "amp_dtype": "bfloat16",
@@ -118,70 +76,118 @@ DEFAULTS = {  # used when a key is absent from the config (properties/eisam.yaml
     "lr_warmup_steps": 0,
 }
 LR_SCHEDULERS = ("constant", "linear", "cosine")
+IMBSAM_SPLITS = ("eta", "head_ratio")
+
+
+def _choice(s, key, choices):
+    s[key] = str(s[key]).lower()
+    if s[key] not in choices:
+        raise ValueError(f"{key} must be one of {', '.join(choices)}, got {s[key]!r}.")
+    return s[key]
+
+
+def _base_loss(s, method):
+    """The base loss of ``method``: its own, or the ``base_loss`` key where the method composes."""
+    spec = TRAIN_METHODS[method]
+    chosen = s["base_loss"]
+    if chosen is None:
+        return spec.base_loss
+    chosen = _choice(s, "base_loss", BASE_LOSSES)
+    if chosen != spec.base_loss and not spec.composes:
+        own = f"the {spec.base_loss} loss" + (" with post-hoc logit adjustment" if spec.posthoc else "")
+        raise ValueError(
+            f"train_method={method} trains on {own}, so base_loss={chosen} contradicts it; "
+            f"choose a method of that base loss (logit_adjust, reweight, eisam_la, eisam_rw) or "
+            f"set base_loss on sam, imbsam or eisam."
+        )
+    return chosen
 
 
 def resolve_settings(config):
-    """Validate the keys and apply the train_method presets; returns a plain dict."""
+    """Validate the keys and apply the ``train_method`` (:data:`TRAIN_METHODS`); returns a dict.
+
+    Besides the keys, it holds ``method`` (the :class:`TrainMethod`), ``base_loss``, the
+    sharpness weighting actually used (``eisam_weight``, ``weight_norm``, ``weight_eta``),
+    ``tau`` (training logit adjustment), ``posthoc_tau`` (prediction), ``reweight_family``
+    and ``per_sample`` (whether the step needs per-sample losses).
+    """
 
     def get(key):
         value = config[key] if key in config else None
         return DEFAULTS[key] if value is None else value
 
     s = {key: get(key) for key in DEFAULTS}
-    method = s["train_method"] = str(s["train_method"]).lower()
-    if method not in TRAIN_METHODS:
-        raise ValueError(f"train_method must be one of {', '.join(TRAIN_METHODS)}, got {method!r}.")
-    s["eisam_weight"] = str(s["eisam_weight"]).lower()
-    if s["eisam_weight"] not in WEIGHT_FAMILIES:
-        raise ValueError(
-            f"eisam_weight must be one of {', '.join(WEIGHT_FAMILIES)}, got {s['eisam_weight']!r}."
-        )
-    for key in ("eisam_rho", "eisam_lambda", "eisam_alpha", "eisam_c", "eisam_gamma"):
+    method = _choice(s, "train_method", tuple(TRAIN_METHODS))
+    spec = s["method"] = TRAIN_METHODS[method]
+    _choice(s, "eisam_weight", WEIGHT_FAMILIES)
+    _choice(s, "eisam_weight_norm", WEIGHT_NORMS)
+    _choice(s, "imbsam_split", IMBSAM_SPLITS)
+    _choice(s, "eisam_scope", ("all", "head"))
+    for key in ("eisam_rho", "eisam_lambda", "eisam_alpha", "eisam_c", "eisam_gamma", "reweight_beta",
+                "logit_adjust_tau"):
         s[key] = float(s[key])
         if not math.isfinite(s[key]):
             raise ValueError(f"{key} must be a finite number, got {s[key]}.")
     if s["eisam_rho"] <= 0:
         raise ValueError(f"eisam_rho must be > 0 (the perturbation radius), got {s['eisam_rho']}.")
-    if s["eisam_lambda"] < 0:
-        raise ValueError(f"eisam_lambda must be >= 0, got {s['eisam_lambda']}.")
-    s["eisam_scope"] = str(s["eisam_scope"]).lower()
-    if s["eisam_scope"] not in ("all", "head"):
-        raise ValueError(f"eisam_scope must be 'all' or 'head', got {s['eisam_scope']!r}.")
-    # re-weighting / logit adjustment: explicit values always apply, ~ means the method default
+    for key in ("eisam_lambda", "reweight_beta", "logit_adjust_tau"):
+        if s[key] < 0:
+            raise ValueError(f"{key} must be a finite number >= 0, got {s[key]}.")
     if not isinstance(s["reweight_eisam_weight"], bool):
         raise ValueError(f"reweight_eisam_weight must be True or False, got {s['reweight_eisam_weight']!r}.")
-    # the loss weights are EISAM's w(n) (before the sam / imbsam presets replace the family)
-    s["reweight_family"] = s["eisam_weight"] if s["reweight_eisam_weight"] else None
-    if s["reweight_family"] is not None and s["reweight_beta"] is not None and float(s["reweight_beta"]) != 0:
-        raise ValueError("reweight_beta and reweight_eisam_weight=True both set the loss weights: set only one.")
-    default_beta = 1.0 if method == "reweight" and s["reweight_family"] is None else 0.0
-    s["reweight_beta"] = default_beta if s["reweight_beta"] is None else float(s["reweight_beta"])
-    s["logit_adjust_tau"] = float(1.0 if method == "logit_adjust" else 0.0) if s["logit_adjust_tau"] is None else float(s["logit_adjust_tau"])
-    for key, name in (("reweight_beta", "reweight"), ("logit_adjust_tau", "logit_adjust")):
-        if not math.isfinite(s[key]) or s[key] < 0:
-            raise ValueError(f"{key} must be a finite number >= 0, got {s[key]}.")
-        if method == name and s[key] == 0 and not (name == "reweight" and s["reweight_family"]):
-            raise ValueError(f"train_method={name} needs {key} > 0 (leave it ~ for the default 1).")
-    s["lr_scheduler"] = str(s["lr_scheduler"]).lower()
-    if s["lr_scheduler"] not in LR_SCHEDULERS:
-        raise ValueError(f"lr_scheduler must be one of {', '.join(LR_SCHEDULERS)}, got {s['lr_scheduler']!r}.")
-    for key, low in (("train_sample_num", 0), ("gradient_accumulation_steps", 1), ("lr_warmup_steps", 0)):
-        if int(s[key]) != s[key] or int(s[key]) < low:
+    for key, low in (("train_sample_num", 0), ("gradient_accumulation_steps", 1), ("lr_warmup_steps", 0),
+                     ("eisam_start_epoch", 0), ("imbsam_eta", 1)):
+        if isinstance(s[key], bool) or int(s[key]) != s[key] or int(s[key]) < low:
             raise ValueError(f"{key} must be an integer >= {low}, got {s[key]}.")
         s[key] = int(s[key])
+    _choice(s, "lr_scheduler", LR_SCHEDULERS)
     if str(s["amp_dtype"]) not in ("bfloat16", "float16"):
         raise ValueError(f"amp_dtype must be bfloat16 or float16, got {s['amp_dtype']!r}.")
-    # presets: one update, different settings
-    if method in ("erm", "reweight", "logit_adjust"):
+
+    # the base loss l_j, and its knob
+    base = s["base_loss"] = _base_loss(s, method)
+    s["reweight_family"] = None
+    if s["reweight_eisam_weight"]:
+        if base != "reweight":
+            raise ValueError(
+                f"reweight_eisam_weight=True sets the re-weighted loss's weights, but train_method={method} "
+                f"trains on the {base} loss; use train_method=reweight (or base_loss: reweight)."
+            )
+        s["reweight_family"] = s["eisam_weight"]  # the user's family, before a preset replaces it
+    if base == "reweight" and s["reweight_family"] is None and s["reweight_beta"] == 0:
+        raise ValueError(f"train_method={method} re-weights the loss by n^-reweight_beta, so it needs reweight_beta > 0.")
+    if (base == "logit_adjust" or spec.posthoc) and s["logit_adjust_tau"] == 0:
+        raise ValueError(f"train_method={method} adjusts the logits by tau log prior, so it needs logit_adjust_tau > 0.")
+    s["tau"] = s["logit_adjust_tau"] if base == "logit_adjust" else 0.0
+    s["posthoc_tau"] = s["logit_adjust_tau"] if spec.posthoc else 0.0
+    if base != "reweight" or s["reweight_family"] is not None:
+        s["reweight_beta"] = 0.0
+
+    # the sharpness term: its weighting w and lambda
+    s["weight_norm"], s["weight_eta"] = s["eisam_weight_norm"], None
+    if spec.sharpness is None:
         s["eisam_lambda"] = 0.0
-    elif method == "sam":
-        s["eisam_weight"], s["eisam_lambda"] = "uniform", 1.0
-    elif method == "imbsam":
-        s["eisam_weight"], s["eisam_lambda"] = "tail", None  # tail share, set from the data
-    s["per_sample"] = (
-        method != "erm" or s["reweight_beta"] > 0 or s["reweight_family"] is not None or s["logit_adjust_tau"] > 0
-    )
+    elif spec.sharpness == "uniform":
+        s["eisam_weight"], s["weight_norm"] = "uniform", "max"
+    elif spec.sharpness == "imbsam":  # w = 1 on tail items, 0 elsewhere: lambda w_j in {0, lambda}
+        s["eisam_weight"], s["weight_norm"] = "tail", "max"
+        s["weight_eta"] = s["imbsam_eta"] if s["imbsam_split"] == "eta" else None
+    s["per_sample"] = spec.sharpness is not None or base != "ce"
     return s
+
+
+def torch_rng_state(device):
+    """The states of the torch generators that dropout draws from on ``device``."""
+    return torch.random.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+
+
+def set_torch_rng_state(state, device):
+    """Set the generators back to ``state`` (:func:`torch_rng_state`): the next forward pass
+    draws the same dropout masks as the one that followed the snapshot."""
+    cpu, cuda = state
+    torch.random.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda, device)
 
 
 class EISAMTrainer(Trainer):
@@ -218,7 +224,8 @@ class EISAMTrainer(Trainer):
         self.settings = s = resolve_settings(config)
         self.train_method, self.rho = s["train_method"], s["eisam_rho"]
         self.eisam_lambda = s["eisam_lambda"]
-        self.tau, self.accumulation = s["logit_adjust_tau"], s["gradient_accumulation_steps"]
+        self.tau, self.posthoc_tau = s["tau"], s["posthoc_tau"]
+        self.accumulation = s["gradient_accumulation_steps"]
         self.train_sample_num = s["train_sample_num"]
         self._sampling_logged = False  # the log says once per trainer that epochs are sampled
         self.amp_dtype = getattr(torch, s["amp_dtype"])
@@ -232,9 +239,9 @@ class EISAMTrainer(Trainer):
             split_reason = head_split_reason(self.model)
             if split_reason is None:
                 self.head_split = get_head_split(self.model)
-            elif self.eisam_lambda is None or self.eisam_lambda > 0:
+            elif self.eisam_lambda > 0:
                 raise ValueError(f"eisam_scope=head needs a backbone/head split, but {split_reason}.")
-        if self.enable_scaler and s["train_method"] in ("sam", "imbsam", "eisam"):
+        if self.enable_scaler and s["method"].sharpness is not None:
             raise ValueError(
                 f"train_method={self.train_method} does not support enable_scaler (fp16 GradScaler); "
                 "set enable_scaler: False and use enable_amp with amp_dtype: bfloat16."
@@ -283,23 +290,30 @@ class EISAMTrainer(Trainer):
     # ------------------------------------------------------------------ weights from data
     def setup_item_weights(self, train_dataset):
         """Compute ``item_weight`` (and the re-weighting / logit-adjustment vectors) from the
-        training split's item counter; for ``imbsam`` also lambda = tail share."""
+        training split's item frequencies (every training interaction)."""
         s = self.settings
         counts = item_counts(train_dataset)
         params = dict(alpha=s["eisam_alpha"], c=s["eisam_c"], gamma=s["eisam_gamma"], head_ratio=s["head_ratio"])
         self.item_count = counts
-        self.item_weight = item_weights(counts, s["eisam_weight"], **params).to(self.device)
-        if s["train_method"] == "imbsam":  # lambda * w = raw 0/1 tail indicator
-            raw = raw_item_weights(counts, "tail", **params)
-            self.eisam_lambda = float((counts * raw).sum() / counts.sum())
+        self.item_weight = item_weights(
+            counts, s["eisam_weight"], s["weight_norm"], eta=s["weight_eta"], **params
+        ).to(self.device)
         if s["reweight_family"] is not None:  # EISAM's own w(n) as loss weights
-            self.loss_weight = item_weights(counts, s["reweight_family"], **params).to(self.device)
+            self.loss_weight = item_weights(counts, s["reweight_family"], "mean", **params).to(self.device)
         elif s["reweight_beta"] > 0:
             self.loss_weight = reweight_weights(counts, s["reweight_beta"]).to(self.device)
         else:
             self.loss_weight = None
-        self.log_prior = log_prior(counts).to(self.device) if self.tau > 0 else None
+        adjusted = self.tau > 0 or self.posthoc_tau > 0
+        self.log_prior = log_prior(counts).to(self.device) if adjusted else None
         return self.item_weight
+
+    @property
+    def active_lambda(self):
+        """lambda in the current epoch: 0 before ``eisam_start_epoch`` (the step is then the
+        base loss's plain step), ``eisam_lambda`` from that epoch on."""
+        epoch = self._epoch_idx or 0
+        return self.eisam_lambda if epoch >= self.settings["eisam_start_epoch"] else 0.0
 
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
         """RecBole's ``fit`` with SIGINT / SIGTERM turned into a checkpoint to resume from.
@@ -314,9 +328,11 @@ class EISAMTrainer(Trainer):
         if self.logits_fn is not None and verbose:
             self.logger.info(
                 set_color("EISAM", "green") + f": train_method={self.train_method}, "
-                f"weight={self.settings['eisam_weight']}, lambda={self.eisam_lambda:.4g}, rho={self.rho}, "
-                f"reweight_beta={self.settings['reweight_beta']}, "
-                f"reweight_eisam_weight={self.settings['reweight_eisam_weight']}, logit_adjust_tau={self.tau}"
+                f"base_loss={self.settings['base_loss']}, weight={self.settings['eisam_weight']} "
+                f"({self.settings['weight_norm']}-normalised), lambda={self.eisam_lambda:.4g}, rho={self.rho}, "
+                f"start epoch={self.settings['eisam_start_epoch']}, reweight_beta={self.settings['reweight_beta']}, "
+                f"reweight_eisam_weight={self.settings['reweight_eisam_weight']}, logit_adjust_tau={self.tau}, "
+                f"post-hoc tau={self.posthoc_tau}"
             )
         if self._resume is not None and self._resume["finished"]:
             saved = False  # training had ended: nothing to train, the best checkpoint stays as it is
@@ -371,12 +387,14 @@ class EISAMTrainer(Trainer):
         step:              G = p.grad / M = grad L - lambda grad L_w(theta) + lambda grad L_w(theta + e)
         """
         params = [p for p in self.model.parameters() if p.requires_grad]
-        lam = self.eisam_lambda
+        lam = self.active_lambda
         perturb = lam > 0
         self.optimizer.zero_grad(set_to_none=True)
         g_w = [torch.zeros_like(p) for p in params] if perturb else None
         m, loss_sum, lw_sum = 0, 0.0, 0.0  # sums of l_j (+ regulariser) and of w_j l_j, for the log
+        masks = []  # per micro-batch: the random state its dropout masks were drawn from
         for interaction in batches:  # pass 1 at theta
+            masks.append(torch_rng_state(self.device))
             loss, w, extra = self._losses(interaction)
             m += loss.numel()
             if perturb:
@@ -405,7 +423,8 @@ class EISAMTrainer(Trainer):
                     for p, g in zip(params, g_w):
                         p.add_(g.to(dtype) * (self.rho / norm))  # theta + e
                 lw_e_sum = 0.0
-                for interaction in batches:  # pass 2 at theta + e
+                for interaction, mask in zip(batches, masks):  # pass 2 at theta + e, pass 1's masks
+                    set_torch_rng_state(mask, self.device)
                     loss, w, _ = self._losses(interaction)
                     scaler.scale(lam * (w * loss).sum()).backward()
                     lw_e_sum = lw_e_sum + (w * loss).detach().sum()
@@ -442,7 +461,7 @@ class EISAMTrainer(Trainer):
 
     def _step(self, batches, scaler):
         """One optimizer step, dispatched on ``eisam_scope`` (head: only when there is a perturbation)."""
-        if self.head_split is not None and self.eisam_lambda > 0:
+        if self.head_split is not None and self.active_lambda > 0:
             return self._eisam_head_step(batches, scaler)
         return self._eisam_step(batches, scaler)
 
@@ -493,7 +512,7 @@ class EISAMTrainer(Trainer):
         named = dict(self.model.named_parameters())
         head = [named[name] for name in split.head_names]
         params = [p for p in self.model.parameters() if p.requires_grad]
-        lam = self.eisam_lambda
+        lam = self.active_lambda
         self.optimizer.zero_grad(set_to_none=True)
         g_w = [torch.zeros_like(p) for p in head]
         kept = []  # per micro-batch: hidden (with its backbone graph), h, target, l_j, w_j, extra
@@ -502,12 +521,13 @@ class EISAMTrainer(Trainer):
             with torch.autocast(device_type=self.device.type, dtype=self.amp_dtype, enabled=self.enable_amp):
                 hidden, target, extra = split.encode(interaction)
             h = hidden.detach().requires_grad_(hidden.requires_grad)
+            mask = torch_rng_state(self.device)  # the head's dropout masks, drawn again in pass 2
             loss, w = self._head_losses(h, target)
             grads = torch.autograd.grad((w * loss).sum(), head, retain_graph=True, allow_unused=True)
             for g, d in zip(g_w, grads):
                 if d is not None:
                     g.add_(d)
-            kept.append((hidden, h, target, loss, w, extra))
+            kept.append((hidden, h, target, loss, w, extra, mask))
             m += loss.numel()
             lw_batch = (w * loss).detach().sum()
             loss_batch = loss.detach().sum() + (0.0 if extra is None else loss.numel() * extra.detach())
@@ -530,8 +550,12 @@ class EISAMTrainer(Trainer):
             self.logger.debug("EISAM: ||grad_head L_w|| = 0, so e = 0 and G = grad L.")
             stats["zero_norm"] = 1
         lw_e_sum = 0.0
-        for hidden, h, target, loss, w, extra in kept:  # pass 2: head at theta + e, one backbone backward
-            loss_e = loss if perturbed is None else self._head_losses(h, target, perturbed)[0]
+        for hidden, h, target, loss, w, extra, mask in kept:  # pass 2: head at theta + e, one backbone backward
+            if perturbed is None:
+                loss_e = loss
+            else:
+                set_torch_rng_state(mask, self.device)
+                loss_e = self._head_losses(h, target, perturbed)[0]
             objective = ((1 - lam * w) * loss).sum() + lam * (w * loss_e).sum()
             if extra is not None:
                 objective = objective + loss.numel() * extra
@@ -693,14 +717,14 @@ class EISAMTrainer(Trainer):
             set_color(f"epoch {epoch_idx} {self.train_method}", "green")
             + f" [samples: {st['samples']}, steps: {st['steps']}, mean L_w: {st['mean_L_w']:.4f}"
         )
-        if self.eisam_lambda > 0:
+        if self.active_lambda > 0:
             message += (
                 f", mean sharpness L_w(theta+e)-L_w(theta): {st['mean_sharpness']:.6f}"
                 f", zero-norm steps: {st['zero_norm_steps']}, skipped steps: {st['skipped_steps']}"
             )
         self.logger.info(message + "]")
         self._add_train_loss_to_tensorboard(epoch_idx, st["mean_L_w"], tag="Loss/Train_L_w")
-        if self.eisam_lambda > 0:
+        if self.active_lambda > 0:
             self._add_train_loss_to_tensorboard(epoch_idx, st["mean_sharpness"], tag="Loss/Train_sharpness")
 
     def _stop_after_step(self):
@@ -883,11 +907,32 @@ class EISAMTrainer(Trainer):
         BPR...) with their training items. Right for data without repeat consumption
         (MovieLens ratings); set it to False where users consume an item again."""
         interaction, scores, positive_u, positive_i = super()._full_sort_batch_eval(batched_data)
+        scores = self._adjust_posthoc(scores)
         seq_field = self.config["ITEM_ID_FIELD"] + self.config["LIST_SUFFIX"]
         if self.config["eval_mask_history"] and seq_field in interaction:
             seq = interaction[seq_field].to(scores.device)
             scores.scatter_(1, seq, -math.inf)  # padding id 0 is already -inf
         return interaction, scores, positive_u, positive_i
+
+    def _neg_sample_batch_eval(self, batched_data):
+        interaction, scores, positive_u, positive_i = super()._neg_sample_batch_eval(batched_data)
+        if scores.dim() == 2:  # ranking: a [users, items] matrix, -inf outside the candidates
+            scores = self._adjust_posthoc(scores)
+        return interaction, scores, positive_u, positive_i
+
+    def _adjust_posthoc(self, scores):
+        """``logit_adjust_posthoc``: rank by ``scores - tau * log prior`` (Menon et al. 2021), so
+        validation, test metrics and ``--save_topk`` all see the adjusted ranking."""
+        if not self.posthoc_tau:
+            return scores
+        if self.log_prior is None:
+            raise RuntimeError("post-hoc logit adjustment needs the training split's prior: call fit() first.")
+        if scores.size(-1) != self.log_prior.numel():
+            raise ValueError(
+                f"logit adjustment: the model gives {scores.size(-1)} scores per user but "
+                f"the training split has {self.log_prior.numel()} items."
+            )
+        return scores - self.posthoc_tau * self.log_prior.to(device=scores.device, dtype=scores.dtype)
 
     def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
         if not eval_data:

@@ -10,7 +10,8 @@ batch (``M`` = batch size for SASRec-like models, the number of masked positions
 BERT4Rec). A model may return a third element, a scalar regulariser that belongs to the
 plain loss ``L`` only (it is added to the batch mean, never weighted, never perturbed).
 The trainer turns logits into losses with :func:`per_sample_losses`
-(``F.cross_entropy(logits - tau * log_prior, target, reduction="none")``).
+(``F.cross_entropy(logits + tau * log_prior, target, reduction="none")`` on the
+logit-adjusted base loss, Menon et al. 2021; plain cross-entropy otherwise).
 
 RecBole's own CE sequential models do not define ``calculate_logits``; :data:`ADAPTERS`
 maps their class names to functions ``fn(model, interaction)`` with the same contract,
@@ -155,9 +156,12 @@ def get_logits_fn(model):
 
 
 def per_sample_losses(logits, target, log_prior=None, tau=0.0):
-    """``l_j = CE(logits_j - tau * log_prior, y_j)`` for every sample, as a float vector [M].
+    """``l_j = CE(logits_j + tau * log_prior, y_j)`` for every sample, as a float vector [M].
 
-    Logit adjustment (``tau > 0``) changes training logits only; evaluation is untouched.
+    The logit-adjusted loss (``tau > 0``, Menon et al., ICLR 2021) adds the scaled log
+    prior to the *training* logits only and predicts with the raw logits: the model must
+    beat the prior's head start on popular items, so it learns less of the prior. (The
+    post-hoc form subtracts it at prediction instead: ``EISAMTrainer``'s evaluation.)
     """
     if log_prior is not None and tau:
         if logits.size(-1) != log_prior.numel():
@@ -165,7 +169,7 @@ def per_sample_losses(logits, target, log_prior=None, tau=0.0):
                 f"logit adjustment: the model gives {logits.size(-1)} logits per sample but "
                 f"the training split has {log_prior.numel()} items."
             )
-        logits = logits - tau * log_prior.to(device=logits.device, dtype=logits.dtype)
+        logits = logits + tau * log_prior.to(device=logits.device, dtype=logits.dtype)
     return F.cross_entropy(logits, target, reduction="none")
 
 
