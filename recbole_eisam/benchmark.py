@@ -111,11 +111,16 @@ class Preset:
 #: ``eisam_rho`` is the perturbation radius of every SAM-style method.
 METHODS = {
     "erm": Preset({"train_method": "erm"}, "plain training (lambda = 0)"),
-    "sam": Preset({"train_method": "sam"}, "SAM: uniform weights, lambda = 1"),
-    "imbsam": Preset({"train_method": "imbsam"}, "ImbSAM: sharpness of tail items only, lambda = 1"),
+    "sam": Preset({"train_method": "sam"}, "SAM: uniform weights (lambda = 1 is SAM as published)"),
+    "imbsam": Preset({"train_method": "imbsam"}, "ImbSAM: sharpness of the items with < imbsam_eta samples only"),
     "reweight": Preset({"train_method": "reweight"}, "loss weights ~ n_i^-beta, no sharpness term"),
-    "logit_adjust": Preset({"train_method": "logit_adjust"}, "training logits minus tau * log prior"),
+    "logit_adjust": Preset({"train_method": "logit_adjust"}, "logit-adjusted loss: training logits + tau * log prior"),
+    "logit_adjust_posthoc": Preset(
+        {"train_method": "logit_adjust_posthoc"}, "plain training, predictions minus tau * log prior"
+    ),
     "eisam": Preset({"train_method": "eisam"}, "EISAM: item-wise sharpness weighted by w(n_i)"),
+    "eisam_la": Preset({"train_method": "eisam_la"}, "EISAM on the logit-adjusted loss"),
+    "eisam_rw": Preset({"train_method": "eisam_rw"}, "EISAM on the re-weighted loss"),
     "eisam_noweight": Preset(
         {"train_method": "eisam", "eisam_weight": "uniform"},
         "ablation: EISAM with uniform w (SAM with lambda), EISAM's tuned rho and lambda",

@@ -153,9 +153,13 @@ def test_grid_checks(tmp_path):
 
 def test_shipped_grid_files_are_valid():
     grid = Grid.from_file(benchmark.DEFAULT_GRID).validate()
-    assert grid.budget == 4
-    for method in ("sam", "imbsam", "reweight", "logit_adjust", "eisam"):
-        assert len(grid.candidates("SASRec", method)) == 4
+    assert grid.budget == 6
+    for method in ("sam", "imbsam", "reweight", "logit_adjust", "logit_adjust_posthoc", "eisam", "eisam_la",
+                   "eisam_rw"):
+        candidates = grid.candidates("SASRec", method)
+        assert len(candidates) == 6
+        if method in ("sam", "imbsam", "eisam", "eisam_la", "eisam_rw"):  # lambda is tuned like rho
+            assert len({c["eisam_lambda"] for c in candidates}) > 1, method
     assert grid.candidates("SASRec", "erm") == [{}]
     Grid.from_file(os.path.join(benchmark.GRID_DIR, "smoke.yaml")).validate()
 

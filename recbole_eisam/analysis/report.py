@@ -54,10 +54,12 @@ BASELINE = "erm"
 DDOF = 1
 K = 10
 #: the methods the paper's bar compares EISAM with
-LONGTAIL_BASELINES = ("sam", "imbsam", "reweight", "logit_adjust")
+LONGTAIL_BASELINES = ("sam", "imbsam", "reweight", "logit_adjust", "logit_adjust_posthoc")
+#: EISAM on another base loss (methods of their own, beside eisam)
+EISAM_VARIANTS = ("eisam_la", "eisam_rw")
 #: EISAM with one part changed (the grid's ablations)
 ABLATIONS = ("eisam_head", "eisam_noweight", "reweight_only")
-METHOD_ORDER = ("erm",) + LONGTAIL_BASELINES + ("eisam",) + ABLATIONS
+METHOD_ORDER = ("erm",) + LONGTAIL_BASELINES + ("eisam",) + EISAM_VARIANTS + ABLATIONS
 WILCOXON_ARGS = {"zero_method": "wilcox", "alternative": "two-sided"}
 
 
