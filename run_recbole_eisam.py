@@ -19,6 +19,7 @@ import json
 import sys
 
 from recbole_eisam.cli import build_parser, config_files_option, main_guard, parse_overrides
+from recbole_eisam.quick_start import run
 
 
 def main(argv):
@@ -28,8 +29,6 @@ def main(argv):
     parser.add_argument("--resume", default=None, help="continue training from this checkpoint (...-resume.safetensors)")
     args, extra = parser.parse_known_args(argv)
     overrides = parse_overrides(extra)
-
-    from recbole_eisam.quick_start import run  # imported late: --help stays fast
 
     result = run(
         args.model,

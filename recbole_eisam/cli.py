@@ -1,7 +1,10 @@
 """Command line of ``run_recbole_eisam.py``: RecBole's ``--key=value`` style plus a few options."""
 
 import argparse
+import ast
 import sys
+
+import yaml
 
 from recbole_eisam.errors import EISAMError
 
@@ -9,27 +12,38 @@ from recbole_eisam.errors import EISAMError
 USER_ERRORS = (EISAMError, ValueError, FileNotFoundError)
 
 
-def convert_value(text):
-    """Turn a command-line string into a Python value the way RecBole's Config does."""
+def _literal(text):
+    """``(True, value)`` when ``text`` spells a Python literal, else ``(False, None)``."""
     try:
-        value = eval(text, {"__builtins__": {}}, {})  # literals only: numbers, lists, dicts...
-        if value is None or isinstance(value, (str, int, float, list, tuple, dict, bool)):
-            return value
-    except Exception:  # not a literal: a plain string such as 'eisam' or 'ml-100k'
-        pass
-    if text.strip()[:1] in ("[", "{"):  # YAML flow style, as in the YAML files: [movie_title, genre]
-        import yaml
+        value = ast.literal_eval(text.strip())
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        return False, None  # not a literal: a plain string such as 'eisam' or 'ml-100k'
+    return isinstance(value, (str, int, float, list, tuple, dict, bool, type(None))), value
 
+
+def literal_value(text):
+    """A string as the value it spells, the way RecBole's Config reads one (numbers, lists,
+    dicts, ``True``, ``None``; ``true`` / ``false`` in any case), but with
+    ``ast.literal_eval``: nothing is executed, and anything else stays the string."""
+    ok, value = _literal(text)
+    if ok:
+        return value
+    lowered = text.strip().lower()
+    return lowered == "true" if lowered in ("true", "false") else text
+
+
+def convert_value(text):
+    """A command-line value: :func:`literal_value`, or, for text that is no literal, a list /
+    dict in YAML flow style as in the YAML files (``[movie_title, genre]``)."""
+    ok, _ = _literal(text)
+    if not ok and text.strip()[:1] in ("[", "{"):
         try:
-            value = yaml.safe_load(text)
-            if isinstance(value, (list, dict)):
-                return value
+            parsed = yaml.safe_load(text)
+            if isinstance(parsed, (list, dict)):
+                return parsed
         except yaml.YAMLError:
             pass
-    lowered = text.lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    return text
+    return literal_value(text)
 
 
 def parse_overrides(extra):

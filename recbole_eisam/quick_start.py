@@ -21,32 +21,19 @@ import sys
 from logging import getLogger
 
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from recbole.config import Config
 from recbole.data import create_dataset, data_preparation
 from recbole.data.dataloader import FullSortEvalDataLoader
-from recbole.trainer import Trainer, TraditionalTrainer
-from recbole.utils import get_model, get_trainer, init_logger, init_seed
+from recbole.utils import get_model, init_logger, init_seed
 
-import recbole_eisam  # noqa: F401  (registers the plugin)
-from recbole_eisam.errors import DatasetNotFoundError, EISAMError
+from recbole_eisam.cli import USER_ERRORS
+from recbole_eisam.defaults import default_config_files
+from recbole_eisam.errors import DatasetNotFoundError, EISAMError, TrainingInterrupted
+from recbole_eisam.registry import trainer_class
 from recbole_eisam.trainer import EISAMTrainer
-from recbole_eisam.validation import hold_console_log, validate_config, validate_dataset
-
-PROPERTIES_DIR = os.environ.get(
-    "RECBOLE_EISAM_PROPERTIES",
-    os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "properties"),
-)
-
-
-def default_config_files(model, dataset):
-    """The package's YAML layers that exist for ``model`` and ``dataset``, in load order."""
-    candidates = [
-        os.path.join(PROPERTIES_DIR, "overall.yaml"),
-        os.path.join(PROPERTIES_DIR, "eisam.yaml"),
-        os.path.join(PROPERTIES_DIR, "model", f"{model}.yaml"),
-        os.path.join(PROPERTIES_DIR, "dataset", f"{dataset}.yaml"),
-    ]
-    return [path for path in candidates if os.path.isfile(path)]
+from recbole_eisam.validation import check_yaml_file, hold_console_log, validate_config, validate_dataset
 
 
 @contextlib.contextmanager
@@ -65,6 +52,7 @@ def load_config(model, dataset, config_file_list=None, config_dict=None):
     for path in config_file_list or []:
         if not os.path.isfile(path):
             raise EISAMError(f"Config file '{path}' given in config_files does not exist.")
+        check_yaml_file(path)
     files = default_config_files(model, dataset) + list(config_file_list or [])
     with _without_command_line():
         try:
@@ -113,30 +101,6 @@ def build_dataset(config):
             f"'{os.path.abspath(config['data_path'])}' or set --data_path to their parent folder "
             f"(RecBole downloads known datasets there itself when the machine is online; {reason})."
         ) from None
-
-
-def trainer_class(config):
-    """RecBole's trainer for the model, with the plain ``Trainer`` replaced by ``EISAMTrainer``.
-
-    ``EISAMTrainer`` with ``train_method: erm`` trains exactly like RecBole's ``Trainer``.
-    Traditional models (Pop...) also get it, with one epoch as RecBole's
-    ``TraditionalTrainer`` gives them (their "training" is one counting pass), so their
-    checkpoints are safe too. Models with another dedicated trainer (knowledge-aware...)
-    keep it and support ``erm`` only.
-    """
-    cls = get_trainer(config["MODEL_TYPE"], config["model"])
-    if cls is TraditionalTrainer:
-        config["epochs"] = 1
-        cls = EISAMTrainer
-    if cls is Trainer:
-        cls = EISAMTrainer
-    method = config["train_method"] or "erm"
-    if method != "erm" and not issubclass(cls, EISAMTrainer):
-        raise EISAMError(
-            f"train_method '{method}' needs EISAMTrainer, but model '{config['model']}' uses "
-            f"RecBole's {cls.__name__}; use train_method=erm for this model."
-        )
-    return cls
 
 
 def _json_number(value):
@@ -290,10 +254,7 @@ def _free_port():
 
 def _process_main(rank, run_kwargs, queue):
     """One process of :func:`_run_processes`: ``run`` with ``local_rank``; reports to ``queue``."""
-    import torch.distributed as dist
 
-    from recbole_eisam.cli import USER_ERRORS
-    from recbole_eisam.errors import TrainingInterrupted
 
     run_kwargs = dict(run_kwargs, config_dict=dict(run_kwargs["config_dict"], local_rank=rank))
     if "OMP_NUM_THREADS" not in os.environ:  # as torchrun: the processes share the cores
@@ -323,9 +284,7 @@ def _run_processes(nproc, config, run_kwargs, result_file, save_topk):
     import signal
     import threading
 
-    import torch.multiprocessing as mp
 
-    from recbole_eisam.errors import TrainingInterrupted
 
     if save_topk:
         raise EISAMError("save_topk needs one process: evaluate the checkpoint again without nproc.")

@@ -8,12 +8,27 @@ package's parts:
   :class:`recbole_eisam.trainer.EISAMTrainer` (also reachable as ``recbole.trainer.EISAMTrainer``);
 * ``HeadHit``, ``TailHit``, ``HeadNDCG``, ``TailNDCG`` and ``TailCoverage`` are accepted in a
   ``metrics:`` list like RecBole's own metrics;
-* RecBole's trainers collect evaluation data with :class:`TailCollector`.
+* RecBole's trainers collect evaluation data with :class:`TailCollector`;
+* :func:`trainer_class` gives every model its trainer, ``EISAMTrainer`` where RecBole's
+  would be the plain ``Trainer``.
 
-Registering twice is harmless: every step sets the same objects again.
+It also installs RecBole's fixes (:mod:`recbole_eisam.patches`). Registering twice is
+harmless: every step sets the same objects again.
 """
 
 import sys
+
+import recbole.evaluator.register as metric_register
+import recbole.trainer
+import recbole.trainer.trainer as trainer_module
+from recbole.trainer import TraditionalTrainer, Trainer
+from recbole.utils import get_trainer
+
+from recbole_eisam import patches
+from recbole_eisam.errors import EISAMError
+from recbole_eisam.evaluator import TAIL_METRICS, TailCollector
+from recbole_eisam.model import llmrec
+from recbole_eisam.trainer import EISAMTrainer
 
 _registered = False
 
@@ -21,17 +36,7 @@ _registered = False
 def register():
     """Install the plugin into RecBole's registries (idempotent)."""
     global _registered
-    from recbole_eisam import compat
-
-    compat.apply()
-
-    import recbole.evaluator.register as metric_register
-    import recbole.trainer
-    import recbole.trainer.trainer as trainer_module
-
-    from recbole_eisam.evaluator import TAIL_METRICS, TailCollector
-    from recbole_eisam.model import llmrec
-    from recbole_eisam.trainer import EISAMTrainer
+    patches.apply()
 
     # models: get_model() imports recbole.model.<family>.<name.lower()> and reads <name>
     sys.modules["recbole.model.sequential_recommender.llmrec"] = llmrec
@@ -55,3 +60,27 @@ def register():
 def is_registered():
     """Whether :func:`register` has run in this process."""
     return _registered
+
+
+def trainer_class(config):
+    """RecBole's trainer for the model, with the plain ``Trainer`` replaced by ``EISAMTrainer``.
+
+    ``EISAMTrainer`` with ``train_method: erm`` trains exactly like RecBole's ``Trainer``.
+    Traditional models (Pop...) also get it, with one epoch as RecBole's
+    ``TraditionalTrainer`` gives them (their "training" is one counting pass), so their
+    checkpoints are safe too. Models with another dedicated trainer (knowledge-aware...)
+    keep it and support ``erm`` only.
+    """
+    cls = get_trainer(config["MODEL_TYPE"], config["model"])
+    if cls is TraditionalTrainer:
+        config["epochs"] = 1
+        cls = EISAMTrainer
+    if cls is Trainer:
+        cls = EISAMTrainer
+    method = config["train_method"] or "erm"
+    if method != "erm" and not issubclass(cls, EISAMTrainer):
+        raise EISAMError(
+            f"train_method '{method}' needs EISAMTrainer, but model '{config['model']}' uses "
+            f"RecBole's {cls.__name__}; use train_method=erm for this model."
+        )
+    return cls

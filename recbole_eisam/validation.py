@@ -24,28 +24,20 @@ import warnings
 
 import numpy as np
 import pandas as pd
+import yaml
+from recbole.utils import get_model
 
+from recbole_eisam.cli import USER_ERRORS
 from recbole_eisam.errors import EISAMError
+from recbole_eisam.model.item_text import check_item_text_fields
+from recbole_eisam.model.llm_backbone import resolve_dtype, resolve_model_source
+from recbole_eisam.model.llmrec import LLMRec
+from recbole_eisam.registry import trainer_class
+from recbole_eisam.trainer.settings import NUMBER_KEYS, resolve_settings
 from recbole_eisam.utils.longtail import num_head_items
 
 #: the column types of RecBole's atomic files (``recbole.utils.FeatureType``)
 FEATURE_TYPES = ("token", "token_seq", "float", "float_seq")
-
-#: keys that must be numbers when set (``~`` keeps the default where the key has one)
-NUMBER_KEYS = (
-    "eisam_rho",
-    "eisam_lambda",
-    "eisam_alpha",
-    "eisam_c",
-    "eisam_gamma",
-    "reweight_beta",
-    "logit_adjust_tau",
-    "train_sample_num",
-    "gradient_accumulation_steps",
-    "eisam_start_epoch",
-    "imbsam_eta",
-)
-
 
 def _value(config, key):
     return config[key] if key in config else None
@@ -58,8 +50,6 @@ def _is_number(value):
 # ---------------------------------------------------------------------------------- config
 def validate_config(config):
     """Check every value that can be checked without the data; raise one sentence otherwise."""
-    from recbole_eisam.trainer.eisam import resolve_settings
-
     for key in NUMBER_KEYS:
         value = _value(config, key)
         if value is not None and not _is_number(value):
@@ -69,6 +59,9 @@ def validate_config(config):
         raise EISAMError(
             f"head_ratio must be a number in (0, 1) (the share of items in the head), got {head_ratio!r}."
         )
+    nproc = _value(config, "nproc")
+    if nproc is not None and (not _is_number(nproc) or int(nproc) != nproc or nproc < 1):
+        raise EISAMError(f"nproc must be an integer >= 1 (the number of training processes), got {nproc!r}.")
     resolve_settings(config)  # train_method, eisam_weight, eisam_rho, eisam_lambda, ...
     _check_trainer(config)
     if _is_llmrec(config):
@@ -78,33 +71,44 @@ def validate_config(config):
 
 def _check_trainer(config):
     """``train_method`` other than erm needs the EISAM trainer (``quick_start.trainer_class``)."""
-    from recbole_eisam.quick_start import trainer_class
-
     trainer_class(config)
 
 
 def _model_class(config):
     cls = getattr(config, "model_class", None)
     if cls is None:
-        from recbole.utils import get_model
 
         cls = get_model(config["model"])
     return cls
 
 
 def _is_llmrec(config):
-    from recbole_eisam.model.llmrec import LLMRec
-
     cls = _model_class(config)
     return isinstance(cls, type) and issubclass(cls, LLMRec)
 
 
 def _check_llm_files(config):
     """LLMRec's backbone files exist (and the ``gguf`` package for a GGUF file); no loading."""
-    from recbole_eisam.model.llm_backbone import resolve_dtype, resolve_model_source
-
     resolve_model_source(_value(config, "llm_path"), _value(config, "llm_gguf_file"))
     resolve_dtype(_value(config, "llm_dtype"), _value(config, "device") or "cpu")
+
+
+def check_yaml_file(path):
+    """A config file must be YAML holding ``key: value`` lines (read as RecBole reads it)."""
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            data = yaml.load(f.read(), Loader=yaml.FullLoader)
+    except UnicodeDecodeError:
+        raise EISAMError(f"Config file '{path}' is not UTF-8 text.") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise EISAMError(f"Config file '{path}' is not valid YAML: {problem}{where}.") from None
+    if data is not None and not isinstance(data, dict):
+        raise EISAMError(
+            f"Config file '{path}' must hold 'key: value' lines, but its YAML is a {type(data).__name__}."
+        )
 
 
 # ----------------------------------------------------------------------------- atomic files
@@ -208,6 +212,8 @@ def check_atomic_file(path, load_col=None, unload_col=None, field_separator="\t"
     the file read again as text to pinpoint the first bad value and its line number.
     """
     header = read_header(path, field_separator, encoding)
+    if not _has_rows(path, encoding):
+        raise EISAMError(f"{path} has a header but no rows: add the data below line 1, or remove the file.")
     numeric = [
         (column, name, ftype)
         for column, name, ftype in header
@@ -228,6 +234,13 @@ def check_atomic_file(path, load_col=None, unload_col=None, field_separator="\t"
                 pd.to_numeric(values, errors="raise")
     except (ValueError, TypeError):
         _pinpoint_bad_number(path, numeric, field_separator, seq_separator, encoding)
+
+
+def _has_rows(path, encoding):
+    """Whether an atomic file has a non-blank line after its header (reads up to the first one)."""
+    with open(path, "r", encoding=encoding) as f:
+        next(f, None)
+        return any(line.strip() for line in f)
 
 
 def _pinpoint_bad_number(path, numeric, field_separator, seq_separator, encoding):
@@ -284,8 +297,6 @@ def validate_dataset(config, dataset):
             f"(ceil({head_ratio:g} * {n_items}) = {n_head}), so the tail set is empty; {advice}."
         )
     if _is_llmrec(config):
-        from recbole_eisam.model.item_text import check_item_text_fields
-
         fields = _value(config, "item_text_fields") or ["movie_title"]
         check_item_text_fields(dataset, [fields] if isinstance(fields, str) else list(fields))
 
@@ -307,8 +318,6 @@ def hold_console_log():
     reports as one line) they are dropped from the console, so the error is printed alone.
     File handlers are not touched: the log file gets every record as it happens.
     """
-    from recbole_eisam.cli import USER_ERRORS
-
     held, filters = [], []  # (handler or None for a warning, record or showwarning's arguments)
 
     class _Hold(logging.Filter):

@@ -1,4 +1,4 @@
-"""recbole_eisam.bench_fastpath: each before / after pair computes the same thing, and the
+"""recbole_eisam.bench.fastpath: each before / after pair computes the same thing, and the
 command line prints one JSON line with every change."""
 
 import json
@@ -6,12 +6,11 @@ import math
 
 import pytest
 import torch
-
-from recbole_eisam import bench_fastpath as bf
-from recbole_eisam.cli import main_guard
-
 from test_bench_speed import _argv, _last_json
 from test_llmrec import build, first_batch, save_tiny_llama, tiny_llm_config
+
+from recbole_eisam.bench import fastpath as bf
+from recbole_eisam.cli import main_guard
 
 
 @pytest.fixture

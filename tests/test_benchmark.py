@@ -6,8 +6,9 @@ import os
 import pandas as pd
 import pytest
 
-from recbole_eisam import benchmark
-from recbole_eisam.benchmark import Benchmark, Grid, GridError
+from recbole_eisam.bench import benchmark
+from recbole_eisam.bench import grid as grid_module
+from recbole_eisam.bench.benchmark import Benchmark, Grid, GridError
 
 
 def _grid(**changes):
@@ -152,7 +153,7 @@ def test_grid_checks(tmp_path):
 
 
 def test_shipped_grid_files_are_valid():
-    grid = Grid.from_file(benchmark.DEFAULT_GRID).validate()
+    grid = Grid.from_file(grid_module.DEFAULT_GRID).validate()
     assert grid.budget == 6
     for method in ("sam", "imbsam", "reweight", "logit_adjust", "logit_adjust_posthoc", "eisam", "eisam_la",
                    "eisam_rw"):
@@ -161,7 +162,7 @@ def test_shipped_grid_files_are_valid():
         if method in ("sam", "imbsam", "eisam", "eisam_la", "eisam_rw"):  # lambda is tuned like rho
             assert len({c["eisam_lambda"] for c in candidates}) > 1, method
     assert grid.candidates("SASRec", "erm") == [{}]
-    Grid.from_file(os.path.join(benchmark.GRID_DIR, "smoke.yaml")).validate()
+    Grid.from_file(os.path.join(grid_module.GRID_DIR, "smoke.yaml")).validate()
 
 
 def test_real_tiny_grid_end_to_end(tmp_path, tiny_config_dict, monkeypatch):
@@ -198,12 +199,12 @@ def _write_grid(tmp_path, grid):
 
 def test_signature_follows_the_packages_default_yaml(tmp_path, monkeypatch):
     """A changed package default (e.g. properties/model/LLMRec.yaml) makes a new run, not a resumed one."""
-    from recbole_eisam import quick_start
-    from recbole_eisam.benchmark import RunSpec
+    from recbole_eisam import defaults
+    from recbole_eisam.bench.grid import RunSpec
 
     layer = tmp_path / "LLMRec.yaml"
     layer.write_text("epochs: 5\n")
-    monkeypatch.setattr(quick_start, "default_config_files", lambda model, dataset: [str(layer)])
+    monkeypatch.setattr(defaults, "default_config_files", lambda model, dataset: [str(layer)])
     spec = RunSpec("ml-100k", "LLMRec", "erm", 1, {}, {"train_method": "erm"}, [], "final")
     before = spec.signature
     assert spec.signature == before  # stable
@@ -240,12 +241,12 @@ def test_grid_refuses_a_folder_of_another_machine(tmp_path, fake, monkeypatch):
 def test_grid_refuses_a_folder_made_with_other_settings(tmp_path, fake, monkeypatch):
     """Resuming after a change of the grid's config or of a package default would put two
     set-ups in one report: refused before any run, with the folder and the run named."""
-    from recbole_eisam import quick_start
+    from recbole_eisam import defaults
 
     out = str(tmp_path / "out")
     layer = tmp_path / "A.yaml"
     layer.write_text("epochs: 5\n")
-    monkeypatch.setattr(quick_start, "default_config_files", lambda model, dataset: [str(layer)])
+    monkeypatch.setattr(defaults, "default_config_files", lambda model, dataset: [str(layer)])
     first = FakeRuns(stop_after=3)
     monkeypatch.setattr(benchmark, "execute_run", first)
     with pytest.raises(KeyboardInterrupt):

@@ -13,8 +13,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import write_tiny_dataset
+
 from recbole_eisam.cli import main_guard
 from recbole_eisam.errors import EISAMError
 from recbole_eisam.validation import check_atomic_file, hold_console_log
@@ -114,7 +114,31 @@ def _case_item_text_field_missing(tmp_path):
         "'movie_title'", "item_text_fields", "['item_id', 'genre']"]
 
 
+def _case_inter_without_rows(tmp_path):
+    path = str(tmp_path / "data" / "tiny" / "tiny.inter")
+    with open(path) as f:
+        header = f.readline()
+    with open(path, "w") as f:
+        f.write(header + "\n")
+    return [], [path, "header but no rows"]
+
+
+def _case_config_not_yaml(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("epochs: 3\nmetrics: [Hit, NDCG\ntopk: 10\n")
+    return [f"--config_files={path}"], [str(path), "not valid YAML", "line"]
+
+
+def _case_config_not_a_mapping(tmp_path):
+    path = tmp_path / "list.yaml"
+    path.write_text("- epochs\n- 3\n")
+    return [f"--config_files={path}"], [str(path), "'key: value' lines", "list"]
+
+
 CLI_CASES = {
+    "inter_without_rows": _case_inter_without_rows,
+    "config_not_yaml": _case_config_not_yaml,
+    "config_not_a_mapping": _case_config_not_a_mapping,
     "eisam_rho<=0": _case_eisam_rho,
     "topk>items": _case_topk,
     "empty_tail": _case_empty_tail,
@@ -172,6 +196,10 @@ def test_debug_shows_the_traceback(tiny_data, tmp_path):
         ("--logit_adjust_tau=-1", ["logit_adjust_tau", ">= 0", "-1"]),
         ("--train_method=logit_adjust_posthoc --logit_adjust_tau=0", ["logit_adjust_posthoc", "logit_adjust_tau > 0"]),
         ("--reweight_beta=nan", ["reweight_beta", "must be a number", "nan"]),
+        ("--eisam_rho=9**9**9", ["eisam_rho", "must be a number", "'9**9**9'"]),  # never evaluated
+        ("--nproc=0", ["nproc", "integer >= 1", "got 0"]),
+        ("--nproc=-2", ["nproc", "integer >= 1", "got -2"]),
+        ("--nproc=two", ["nproc", "integer >= 1", "'two'"]),
     ],
 )
 def test_bad_values_are_refused_before_loading_data(override, needles, tmp_path, capsys):
@@ -238,3 +266,16 @@ def test_write_tiny_dataset_is_clean(tmp_path):
     data_path = write_tiny_dataset(str(tmp_path))
     for ext in ("inter", "item"):
         check_atomic_file(os.path.join(data_path, "tiny", f"tiny.{ext}"))
+
+
+def test_command_line_values_are_literals_never_code():
+    from recbole_eisam.cli import convert_value
+
+    assert convert_value("1e-3") == 0.001 and convert_value("-0.5") == -0.5 and convert_value("7") == 7
+    assert convert_value("[10, 20]") == [10, 20] and convert_value("{'max_norm': 5}") == {"max_norm": 5}
+    assert convert_value("None") is None and convert_value("True") is True and convert_value("false") is False
+    assert convert_value("[movie_title, genre]") == ["movie_title", "genre"]  # YAML flow style
+    assert convert_value("ml-100k") == "ml-100k" and convert_value("eisam") == "eisam"
+    assert convert_value("'\\n{item}'") == "\n{item}"  # a quoted string stays a string, never YAML
+    assert convert_value("9**9**9") == "9**9**9"  # an expression stays text: nothing runs
+    assert convert_value("__import__('os').getcwd()") == "__import__('os').getcwd()"

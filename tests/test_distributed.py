@@ -7,9 +7,8 @@ import socket
 import pytest
 import torch
 import torch.multiprocessing as mp
-from safetensors.torch import load_file, save_file
-
 from conftest import write_tiny_dataset
+from safetensors.torch import load_file, save_file
 
 #: the EISAM step of 2 processes (half of the global batch each) against 1 process (all of
 #: it): only the order of float additions differs (all-reduce), so float32 round-off
@@ -34,11 +33,11 @@ def config_dict(data_path, tmp, **extra):
 
 
 def build(cfg):
-    import recbole_eisam  # noqa: F401  (compat: gloo on CPU)
     from recbole.config import Config
     from recbole.data import create_dataset, data_preparation
     from recbole.utils import get_model, init_seed
 
+    import recbole_eisam  # noqa: F401  (patches: gloo on CPU)
     from recbole_eisam.trainer import EISAMTrainer
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

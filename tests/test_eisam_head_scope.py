@@ -20,16 +20,16 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from recbole_eisam import compat
+from recbole_eisam import patches
 
-compat.apply()
+patches.apply()
 
+import test_eisam_step  # noqa: E402  (its trainer builder and one-step helper)
 from recbole.utils import get_model  # noqa: E402
 
 from recbole_eisam.trainer import EISAMTrainer  # noqa: E402
 from recbole_eisam.trainer.losses import get_head_split, head_split_reason  # noqa: E402
-
-import test_eisam_step  # noqa: E402  (its trainer builder and one-step helper)
+from recbole_eisam.trainer.update import HeadScope, eisam_step  # noqa: E402
 
 RHO = 0.5
 E = "item_embedding.weight"
@@ -137,7 +137,7 @@ def test_head_scope_lambda_zero_is_erm(setup):
     # the head step itself with lambda = 0 is ERM too
     trainer, model = make_trainer(setup, torch.float64, eisam_lambda=0.0)
     before = {k: p.detach().clone() for k, p in model.named_parameters()}
-    trainer._eisam_head_step([batch], torch.amp.GradScaler("cuda", enabled=False))
+    eisam_step(trainer, [batch], HeadScope(trainer), torch.amp.GradScaler("cuda", enabled=False))
     delta = {k: p.detach() - before[k] for k, p in model.named_parameters()}
     assert rel_err(delta, G) < 1e-10
 

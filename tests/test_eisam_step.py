@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from recbole_eisam import compat
+from recbole_eisam import patches
 
-compat.apply()
+patches.apply()
 
 from recbole.config import Config  # noqa: E402
 from recbole.data import create_dataset, data_preparation  # noqa: E402

@@ -8,11 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
 from recbole.data import data_preparation
 
-from recbole_eisam.model import LLMRec
-from recbole_eisam.model import llm_backbone
+from recbole_eisam.model import LLMRec, llm_backbone
 from recbole_eisam.quick_start import build_dataset, load_config, run
 
 CHARS = [chr(c) for c in range(32, 127)] + ["\n"]
@@ -21,7 +19,7 @@ CHARS = [chr(c) for c in range(32, 127)] + ["\n"]
 def _recbole_token_seq_workaround():
     """pandas >= 2 makes ``Series.agg(len)`` return the Series length, which breaks RecBole
     1.2.1's remapping of ``token_seq`` fields (``movie_title``). Patched here only when the
-    bug is present, until ``recbole_eisam.compat`` carries the fix."""
+    bug is present, until ``recbole_eisam.patches`` carries the fix."""
     from recbole.data.dataset import Dataset
     from recbole.utils import FeatureType
 

@@ -3,7 +3,6 @@
 import math
 
 import pytest
-
 from test_reliability import build
 
 

@@ -12,16 +12,16 @@ import sys
 import pytest
 import torch
 
-from recbole_eisam import compat
+from recbole_eisam import patches
 
-compat.apply()
+patches.apply()
 
+
+import test_trainer_e2e  # noqa: E402  (its build: config, data and model of the tiny dataset)
 
 from recbole_eisam.errors import NonFiniteLossError, TrainingInterrupted  # noqa: E402
 from recbole_eisam.trainer import EISAMTrainer  # noqa: E402
 from recbole_eisam.trainer import checkpoint as ckpt  # noqa: E402
-
-import test_trainer_e2e  # noqa: E402  (its build: config, data and model of the tiny dataset)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

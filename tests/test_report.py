@@ -11,6 +11,7 @@ import pytest
 from scipy import stats
 
 from recbole_eisam.analysis import report
+from recbole_eisam.analysis import stats as numbers
 from recbole_eisam.analysis.topk import read_topk
 
 N_ITEMS, N_USERS, HEAD = 20, 40, 4  # head_ratio 0.2 of 20 items
@@ -88,7 +89,7 @@ def bench(tmp_path):
 
 def test_summary_means_stds_and_relative_change(bench):
     out, _ = bench
-    summary = report.summarize(report.load_results(out))
+    summary = numbers.summarize(numbers.load_results(out))
     for method in ("erm", "eisam"):
         values = np.array([METRICS[(method, s)][1] for s in (1, 2, 3)])
         row = summary.loc[("toy", "M", method)]
@@ -112,7 +113,7 @@ def test_per_user_ndcg_matches_independent_computation(bench):
 
 def test_wilcoxon_pvalues_pooled_over_seeds(bench):
     out, targets = bench
-    tests = report.paired_tests(report.load_results(out), out)
+    tests = numbers.paired_tests(numbers.load_results(out), out)
     diffs = np.concatenate([
         _ndcg(os.path.join(out, f"runs/eisam-{s}.tsv")) - _ndcg(os.path.join(out, f"runs/erm-{s}.tsv"))
         for s in (1, 2, 3)
@@ -132,7 +133,7 @@ def test_wilcoxon_pvalues_pooled_over_seeds(bench):
 
 def test_decile_curve(bench):
     out, targets = bench
-    curves = report.decile_curves(report.load_results(out), out)
+    curves = numbers.decile_curves(numbers.load_results(out), out)
     curve = curves[("toy", "M")]
     # 20 items -> 2 items per decile; decile of item i = ceil(i / 2)
     deciles = np.array([(int(t[1:]) + 1) // 2 for t in targets])
@@ -147,7 +148,7 @@ def test_decile_curve(bench):
 
 def test_decile_table_lists_every_method_and_decile(bench):
     out, _ = bench
-    curve = report.decile_curves(report.load_results(out), out)[("toy", "M")]
+    curve = numbers.decile_curves(numbers.load_results(out), out)[("toy", "M")]
     lines = report.decile_table_lines(curve)
     rows = {line.split(" | ")[0].strip("| *"): line for line in lines if line.startswith("| ")}
     assert set(rows) == {"method", "erm", "eisam", "same"}
@@ -184,7 +185,7 @@ def test_mismatched_topk_files_are_refused(bench):
     frame = pd.read_csv(path, sep="\t", dtype=str).iloc[:-1]  # one user fewer
     frame.to_csv(path, sep="\t", index=False)
     with pytest.raises(ValueError, match="same test rows"):
-        report.paired_tests(report.load_results(out), out)
+        numbers.paired_tests(numbers.load_results(out), out)
 
 
 def _tuning_csv(out, rows):

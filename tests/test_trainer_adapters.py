@@ -6,9 +6,9 @@ import copy
 import pytest
 import torch
 
-from recbole_eisam import compat
+from recbole_eisam import patches
 
-compat.apply()
+patches.apply()
 
 from recbole.config import Config  # noqa: E402
 from recbole.data import create_dataset, data_preparation  # noqa: E402

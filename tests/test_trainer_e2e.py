@@ -8,9 +8,9 @@ import os
 import pytest
 import torch
 
-from recbole_eisam import compat
+from recbole_eisam import patches
 
-compat.apply()
+patches.apply()
 
 from recbole.config import Config  # noqa: E402
 from recbole.data import create_dataset, data_preparation  # noqa: E402
@@ -143,13 +143,13 @@ def test_train_sample_num(tiny_config_dict, caplog):
     )
     trainer = EISAMTrainer(config, model)
     seen = []
-    original = trainer._eisam_step
+    original = trainer._step
 
     def spy(batches, scaler):
         seen.append(torch.cat([b["item_id"] for b in batches]))
         return original(batches, scaler)
 
-    trainer._eisam_step = spy
+    trainer._step = spy
     trainer._train_epoch(train_data, 0)
     first = torch.cat(seen)
     assert trainer.epoch_stats["samples"] == 100 and len(first) == 100

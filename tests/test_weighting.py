@@ -5,16 +5,15 @@ import math
 import pytest
 import torch
 
-from recbole_eisam import compat
+from recbole_eisam import patches
 
-compat.apply()
+patches.apply()
 
 from recbole.config import Config  # noqa: E402
 from recbole.data import create_dataset, data_preparation  # noqa: E402
 from recbole.utils import get_model, init_seed  # noqa: E402
 
 from recbole_eisam.evaluator.collector import TailCollector  # noqa: E402
-from recbole_eisam.utils import item_counts  # noqa: E402
 from recbole_eisam.trainer import (  # noqa: E402
     EISAMTrainer,
     item_weights,
@@ -22,6 +21,7 @@ from recbole_eisam.trainer import (  # noqa: E402
     resolve_settings,
     reweight_weights,
 )
+from recbole_eisam.utils import item_counts  # noqa: E402
 
 DECREASING = [
     ("power", {"eisam_alpha": 0.5, "eisam_c": 1.0}),

@@ -8,5 +8,5 @@
 * :mod:`recbole_eisam.analysis.prior_longtail`: the LLM's prior familiarity with each item
   against its training frequency (``python -m recbole_eisam.analysis.prior_longtail``).
 
-The benchmark grid itself is :mod:`recbole_eisam.benchmark`.
+The benchmark grid itself is :mod:`recbole_eisam.bench.benchmark`.
 """

@@ -17,8 +17,10 @@ import argparse
 import numpy as np
 import pandas as pd
 
-from recbole_eisam.analysis.report import K, _fmt, _fmt_p, decile_table_lines, wilcoxon_p
+from recbole_eisam.analysis.report import _fmt, _fmt_p, decile_table_lines
+from recbole_eisam.analysis.stats import K, wilcoxon_p
 from recbole_eisam.analysis.topk import annotate_targets, paired_rows, read_item_stats, read_topk
+from recbole_eisam.cli import main_guard
 
 
 def _files(text, flag):
@@ -105,6 +107,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from recbole_eisam.cli import main_guard
-
     raise SystemExit(main_guard(main))

@@ -35,9 +35,14 @@ import warnings
 import numpy as np
 import pandas as pd
 import torch
+from recbole.data import data_preparation
 from scipy import stats
 
-from recbole_eisam.analysis.topk import read_topk
+from recbole_eisam.analysis.topk import item_stats_from_dataset, read_topk
+from recbole_eisam.cli import build_parser, config_files_option, main_guard, parse_overrides
+from recbole_eisam.model.item_text import extract_item_texts
+from recbole_eisam.model.llm_backbone import resolve_model_source
+from recbole_eisam.quick_start import build_dataset, load_config
 
 DEFAULT_PROMPT = "Title:"
 CELLS = (("head", "head"), ("head", "tail"), ("tail", "head"), ("tail", "tail"))  # (prior, data)
@@ -48,7 +53,6 @@ def load_causal_lm(llm_path=None, gguf_file=None):
     """The pretrained causal LM (float32, eval mode) and its tokenizer, from local files only."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from recbole_eisam.model.llm_backbone import resolve_model_source
 
     folder, gguf_file = resolve_model_source(llm_path, gguf_file)
     kwargs = {"local_files_only": True}
@@ -122,9 +126,6 @@ def top_share_mask(scores, share):
 # --------------------------------------------------------------------------- the study
 def item_table(dataset, train_dataset, head_ratio, text_fields):
     """Items (internal ids 1..n-1) with token, text, training count and data-head flag."""
-    from recbole_eisam.analysis.topk import item_stats_from_dataset
-    from recbole_eisam.model.item_text import extract_item_texts
-
     item_stats = item_stats_from_dataset(train_dataset, head_ratio)
     texts = extract_item_texts(dataset, text_fields, separator=" ")
     item_stats["text"] = texts[1 : len(item_stats) + 1]
@@ -190,9 +191,7 @@ def run_study(model, dataset, config_file_list=None, config_dict=None, llm=None,
         topk_files (dict[str, list[str]]): label -> top-K TSV files of trained runs.
         scores_file (str, optional): a previous ``prior_scores.tsv`` to reuse.
     """
-    from recbole.data import data_preparation
 
-    from recbole_eisam.quick_start import build_dataset, load_config
 
     config = load_config(model, dataset, config_file_list, config_dict)
     data = build_dataset(config)
@@ -335,8 +334,6 @@ def topk_files_from_benchmark(out, model, methods, dataset):
 
 
 def main(argv=None):
-    from recbole_eisam.cli import build_parser, config_files_option, parse_overrides
-
     parser = build_parser(
         "Prior long tail: the pretrained LLM's familiarity with each item against its training "
         "frequency, and NDCG@10 / Hit@10 of trained runs in the prior x data 2 x 2 table."
@@ -385,6 +382,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from recbole_eisam.cli import main_guard
-
     raise SystemExit(main_guard(main))

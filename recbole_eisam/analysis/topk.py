@@ -19,6 +19,9 @@ import os
 
 import numpy as np
 import pandas as pd
+import torch
+
+from recbole_eisam.utils import head_item_mask, item_counts
 
 TOPK_COLUMNS = ("user_id", "target_item_id", "topk_item_ids")
 ITEM_STATS_COLUMNS = ("item_id", "train_count", "popularity_rank", "is_head")
@@ -102,9 +105,7 @@ def item_stats_from_counts(tokens, counts, head_ratio):
         counts (torch.Tensor | np.ndarray): training frequency per internal id.
         head_ratio (float): share of real items in the head.
     """
-    import torch
 
-    from recbole_eisam.utils import head_item_mask
 
     counts = torch.as_tensor(np.asarray(counts)).long()
     head = head_item_mask(counts, head_ratio).numpy()
@@ -123,8 +124,6 @@ def item_stats_from_counts(tokens, counts, head_ratio):
 
 def item_stats_from_dataset(train_dataset, head_ratio):
     """Item statistics of a RecBole training split (``train_data.dataset``)."""
-    from recbole_eisam.utils import item_counts
-
     field = train_dataset.iid_field
     counts = item_counts(train_dataset)
     tokens = train_dataset.field2id_token[field]

@@ -24,8 +24,11 @@ tail, uniform) with its parameters ``alpha``, ``c``, ``gamma``, ``head_ratio``, 
 import argparse
 
 import numpy as np
+import torch
 
 from recbole_eisam.analysis.topk import popularity_decile, read_item_stats
+from recbole_eisam.cli import main_guard
+from recbole_eisam.trainer.weighting import WEIGHT_FAMILIES, item_weights, reweight_weights
 
 DEFAULT_WEIGHTS = ("uniform", "power:alpha=0.5", "log", "reweight:beta=0.25")
 EISAM_PARAMS = ("alpha", "c", "gamma", "head_ratio")
@@ -33,8 +36,6 @@ EISAM_PARAMS = ("alpha", "c", "gamma", "head_ratio")
 
 def parse_weight(text):
     """``"power:alpha=0.5"`` -> ``("power", {"alpha": 0.5})``; a bad spec is a ValueError."""
-    from recbole_eisam.trainer.weighting import WEIGHT_FAMILIES
-
     family, *pairs = str(text).split(":")
     allowed = {"reweight": ("beta",), **{name: EISAM_PARAMS for name in WEIGHT_FAMILIES}}
     if family not in allowed:
@@ -60,9 +61,7 @@ def parse_weight(text):
 
 def sample_weights(counts, family, params):
     """Per-item weights of one weighting, normalised to mean 1 over training samples."""
-    import torch
 
-    from recbole_eisam.trainer.weighting import item_weights, reweight_weights
 
     counts = torch.as_tensor(np.asarray(counts, dtype=np.float64))
     if family == "reweight":
@@ -120,6 +119,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from recbole_eisam.cli import main_guard
-
     raise SystemExit(main_guard(main))

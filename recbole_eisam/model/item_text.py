@@ -17,6 +17,7 @@ import os
 
 import numpy as np
 import torch
+from recbole.utils import FeatureType
 from torch import nn
 
 CACHE_VERSION = 1
@@ -55,7 +56,6 @@ def extract_item_texts(dataset, fields, separator=", "):
         fields = [fields]
     check_item_text_fields(dataset, fields)
     item_feat = dataset.item_feat
-    from recbole.utils import FeatureType
 
     n_items = dataset.item_num
     columns = []

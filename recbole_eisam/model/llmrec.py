@@ -23,17 +23,12 @@ import os
 from logging import getLogger
 
 import torch
-from torch import nn
-
 from recbole.model.abstract_recommender import SequentialRecommender
+from torch import nn
 
 from recbole_eisam.model import item_text as it
 from recbole_eisam.model.llm_backbone import load_backbone
-
-
-def _get(config, key, default):
-    value = config[key] if key in config else None
-    return default if value is None else value
+from recbole_eisam.utils.longtail import item_counts
 
 
 class LLMRec(SequentialRecommender):
@@ -72,51 +67,48 @@ class LLMRec(SequentialRecommender):
         self.logger = getLogger()
 
         # load parameters info
-        self.loss_type = _get(config, "loss_type", "CE")
+        self.loss_type = config["loss_type"]
         if self.loss_type != "CE":
             raise NotImplementedError("LLMRec is trained with loss_type: CE (softmax over all items).")
-        self.item_text_fields = list(_get(config, "item_text_fields", ["movie_title"]))
-        self.item_text_separator = str(_get(config, "item_text_separator", ", "))
-        self.max_history_items = int(_get(config, "max_history_items", 10))
-        self.max_item_tokens = _get(config, "max_item_tokens", 16)
-        self.prompt_template = str(_get(config, "prompt_template", "A user watched:{history}\nNext:"))
-        self.history_item_template = str(_get(config, "history_item_template", "\n{item}"))
-        self.item_prompt_template = str(_get(config, "item_prompt_template", "Movie: {item}"))
-        self.item_pooling = str(_get(config, "item_pooling", "mean"))
+        self.item_text_fields = list(config["item_text_fields"])
+        self.item_text_separator = str(config["item_text_separator"])
+        self.max_history_items = int(config["max_history_items"])
+        self.max_item_tokens = config["max_item_tokens"]
+        self.prompt_template = str(config["prompt_template"])
+        self.history_item_template = str(config["history_item_template"])
+        self.item_prompt_template = str(config["item_prompt_template"])
+        self.item_pooling = str(config["item_pooling"])
         if self.item_pooling not in ("mean", "last"):
             raise ValueError(f"item_pooling must be 'mean' or 'last', got {self.item_pooling!r}.")
-        self.user_pooling = str(_get(config, "user_pooling", "last"))
+        self.user_pooling = str(config["user_pooling"])
         if self.user_pooling not in ("mean", "last"):
             raise ValueError(f"user_pooling must be 'mean' or 'last', got {self.user_pooling!r}.")
-        self.use_item_id_embedding = bool(_get(config, "item_id_embedding", True))
-        self.use_item_bias = bool(_get(config, "item_bias", True))
-        self.use_item_id_tokens = bool(_get(config, "item_id_tokens", False))
-        self.projection_size = int(_get(config, "projection_size", 64))
-        self.head_dropout_prob = float(_get(config, "head_dropout", 0.1))
-        self.show_progress = bool(_get(config, "show_progress", False))
-        self.dataset_name = str(_get(config, "dataset", "dataset"))
-        cache_dir = config["llm_cache_dir"] if "llm_cache_dir" in config else None
-        if cache_dir is None:
-            cache_dir = os.path.join(str(_get(config, "checkpoint_dir", "saved")), "llm_cache")
-        self.llm_cache_dir = str(cache_dir)
+        self.use_item_id_embedding = bool(config["item_id_embedding"])
+        self.use_item_bias = bool(config["item_bias"])
+        self.use_item_id_tokens = bool(config["item_id_tokens"])
+        self.projection_size = int(config["projection_size"])
+        self.head_dropout_prob = float(config["head_dropout"])
+        self.show_progress = bool(config["show_progress"])
+        self.dataset_name = str(config["dataset"])
+        self.llm_cache_dir = str(config["llm_cache_dir"] or os.path.join(str(config["checkpoint_dir"]), "llm_cache"))
 
         # item texts (raises a one-sentence ValueError for a missing field)
         self.item_texts = it.extract_item_texts(dataset, self.item_text_fields, self.item_text_separator)
 
         # define the backbone: frozen base LLM (first llm_num_layers layers) + LoRA adapters
         self.backbone, self.tokenizer, self.backbone_info = load_backbone(
-            llm_path=config["llm_path"] if "llm_path" in config else None,
-            gguf_file=config["llm_gguf_file"] if "llm_gguf_file" in config else None,
-            dtype=_get(config, "llm_dtype", "auto"),
+            llm_path=config["llm_path"],
+            gguf_file=config["llm_gguf_file"],
+            dtype=config["llm_dtype"],
             device=self.device,
-            num_layers=config["llm_num_layers"] if "llm_num_layers" in config else None,
-            trust_remote_code=bool(_get(config, "trust_remote_code", False)),
-            gradient_checkpointing=bool(_get(config, "gradient_checkpointing", False)),
-            attn_implementation=_get(config, "llm_attn_implementation", None),
-            lora_r=int(_get(config, "lora_r", 8)),
-            lora_alpha=float(_get(config, "lora_alpha", 16)),
-            lora_dropout=float(_get(config, "lora_dropout", 0.05)),
-            lora_target_modules=_get(config, "lora_target_modules", ["q_proj", "v_proj"]),
+            num_layers=config["llm_num_layers"],
+            trust_remote_code=bool(config["trust_remote_code"]),
+            gradient_checkpointing=bool(config["gradient_checkpointing"]),
+            attn_implementation=config["llm_attn_implementation"],
+            lora_r=int(config["lora_r"]),
+            lora_alpha=float(config["lora_alpha"]),
+            lora_dropout=float(config["lora_dropout"]),
+            lora_target_modules=config["lora_target_modules"],
         )
         self.hidden_size = self.backbone_info["hidden_size"]
 
@@ -131,7 +123,7 @@ class LLMRec(SequentialRecommender):
         )
 
         # item representations: the frozen base model's encoding of each item text (cached)
-        self.item_encode_batch_size = int(_get(config, "item_encode_batch_size", 128))
+        self.item_encode_batch_size = int(config["item_encode_batch_size"])
         encodings, self.item_cache_path, self.item_cache_hit = self._item_encodings(self.item_encode_batch_size)
         real = encodings[1:]
         center = real.mean(0, keepdim=True)
@@ -166,8 +158,6 @@ class LLMRec(SequentialRecommender):
         if self.use_item_bias:
             # output bias initialised to the log prior of the training split ("init well"):
             # training starts from popularity and learns the personal part on top of it
-            from recbole_eisam.utils import item_counts
-
             counts = item_counts(dataset, self.n_items).float()
             prior = torch.log((counts + 1.0) / (counts + 1.0).sum())
             self.item_bias = nn.Parameter(prior - prior[1:].mean())

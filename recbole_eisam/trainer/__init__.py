@@ -1,10 +1,11 @@
 """The EISAM trainer family (ERM, SAM, ImbSAM, re-weighting, logit adjustment, EISAM and its
 compositions): :data:`recbole_eisam.methods.TRAIN_METHODS` lists them."""
 
-from recbole_eisam.trainer.checkpoint import load_checkpoint, save_checkpoint
 from recbole_eisam.methods import TRAIN_METHODS
-from recbole_eisam.trainer.eisam import EISAMTrainer, resolve_settings
+from recbole_eisam.trainer.checkpoint import load_checkpoint, save_checkpoint
+from recbole_eisam.trainer.eisam import EISAMTrainer
 from recbole_eisam.trainer.losses import ADAPTERS, UNSUPPORTED, get_logits_fn, per_sample_losses, unsupported_reason
+from recbole_eisam.trainer.settings import resolve_settings
 from recbole_eisam.trainer.weighting import (
     WEIGHT_FAMILIES,
     WEIGHT_NORMS,

@@ -16,6 +16,7 @@ Nothing is ever unpickled: :func:`load_checkpoint` reads safetensors and JSON on
 file written by ``torch.save`` or ``pickle`` is refused before any byte of it is
 interpreted. Every file is written to a temporary name and renamed into place, the JSON
 sidecar last, so an interruption while saving leaves the previous checkpoint readable.
+:class:`CheckpointMixin` is the trainer's side: what goes into a checkpoint and back.
 """
 
 import json
@@ -25,7 +26,10 @@ import random
 
 import numpy as np
 import torch
+from recbole.utils import set_color
 from safetensors.torch import load_file, save_file
+
+from recbole_eisam.errors import NonFiniteLossError
 
 FORMAT = "recbole-eisam-checkpoint"
 VERSION = 1
@@ -254,3 +258,70 @@ def set_rng_state(state):
         for index in range(torch.cuda.device_count()):
             if f"cuda.{index}" in state:
                 torch.cuda.set_rng_state(state[f"cuda.{index}"].to(torch.uint8), index)
+
+
+class CheckpointMixin:
+    """The trainer's side of the format: which tensors and metadata a checkpoint holds, and
+    the rule that weights which are not finite are never written."""
+
+    def _kept_checkpoint(self):
+        if os.path.exists(self.saved_model_file):
+            return f"the last good checkpoint {self.saved_model_file} is kept"
+        return "no checkpoint had been saved yet"
+
+    def _checkpoint_tensors(self):
+        model = self.model
+        if hasattr(model, "checkpoint_state_dict"):
+            tensors = dict(model.checkpoint_state_dict())
+        else:
+            tensors = dict(model.state_dict())
+        other, other_json = model.other_parameter() or {}, {}
+        for key, value in other.items():
+            if torch.is_tensor(value):
+                tensors[f"__other__.{key}"] = value
+            else:
+                other_json[key] = value
+        return tensors, other_json
+
+    def _checkpoint_meta(self, epoch, other_json):
+        return {
+            "model": self.config["model"],
+            "dataset": self.config["dataset"],
+            "epoch": epoch,
+            "cur_step": self.cur_step,
+            "best_valid_score": self.best_valid_score,
+            "train_method": self.train_method,
+            "partial_state_dict": hasattr(self.model, "checkpoint_state_dict"),
+            "other_parameter": other_json,
+        }
+
+    def _save_checkpoint(self, epoch, verbose=True, **kwargs):
+        """Rank 0 writes the checkpoint; weights that are not finite are never written (every
+        process checks, their weights are the same, so all of them stop together)."""
+        tensors, other_json = self._checkpoint_tensors()
+        bad = [key for key, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        if bad:
+            raise NonFiniteLossError(
+                f"Training stopped: the weights ({bad[0]}) are not finite after epoch {epoch}; "
+                f"{self._kept_checkpoint()} (a smaller learning_rate or clip_grad_norm may help)."
+            )
+        if not self.is_main_process():
+            return
+        saved_model_file = kwargs.pop("saved_model_file", self.saved_model_file)
+        meta = self._checkpoint_meta(epoch, other_json)
+        saved_model_file = save_checkpoint(saved_model_file, tensors, meta, self.optimizer)
+        if verbose:
+            self.logger.info(set_color("Saving current", "blue") + f": {saved_model_file}")
+
+    def _load_weights(self, model_file):
+        """Load model tensors (and RecBole's other_parameter) from our checkpoint; returns its meta."""
+        tensors, meta, opt_state = load_checkpoint(
+            model_file, self.device, expect_model=self.config["model"], expect_dataset=self.config["dataset"]
+        )
+        other = {k[len("__other__.") :]: v for k, v in tensors.items() if k.startswith("__other__.")}
+        state = {k: v for k, v in tensors.items() if not k.startswith("__other__.")}
+        self.model.load_state_dict(state, strict=not hasattr(self.model, "checkpoint_state_dict"))
+        other.update(meta.get("other_parameter") or {})
+        if other:
+            self.model.load_other_parameter(other)
+        return meta, opt_state

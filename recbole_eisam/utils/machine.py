@@ -3,6 +3,8 @@
 import os
 import platform
 
+import torch
+
 
 def cpu_name():
     """The CPU's model name (``/proc/cpuinfo`` on Linux), else what :mod:`platform` knows."""
@@ -18,7 +20,6 @@ def cpu_name():
 
 def device_name(device):
     """The GPU's name for a CUDA device, else the CPU's."""
-    import torch
 
     if getattr(device, "type", str(device)) == "cuda":
         return torch.cuda.get_device_name(device)
@@ -29,7 +30,6 @@ def machine_description():
     """``"<device name>, <n> cores, torch <version>"`` of the device RecBole's runs take (the
     GPU when one is visible): two CPUs of one family can give different numbers for the same
     run (different kernels), so every result row names its machine."""
-    import torch
 
     name = device_name("cuda" if torch.cuda.is_available() else "cpu")
     return f"{name}, {os.cpu_count()} cores, torch {torch.__version__}"

@@ -1,14 +1,14 @@
 """Training-step speed and memory of erm, sam and eisam (scope all / head), in one process.
 
-    python -m recbole_eisam.bench_speed --model=LLMRec --dataset=ml-100k --steps=20
-    python -m recbole_eisam.bench_speed --model=SASRec --dataset=ml-100k --steps=20 --rounds=2
-    python -m recbole_eisam.bench_speed --model=SASRec --dataset=tiny --data_path=DIR --steps=2
+    python -m recbole_eisam.bench.speed --model=LLMRec --dataset=ml-100k --steps=20
+    python -m recbole_eisam.bench.speed --model=SASRec --dataset=ml-100k --steps=20 --rounds=2
+    python -m recbole_eisam.bench.speed --model=SASRec --dataset=tiny --data_path=DIR --steps=2
 
 Options: ``--steps=N`` timed steps per method and round (default 20), ``--warmup=K``
 untimed steps before them (default 2), ``--rounds=R`` repetitions of the whole method
 sequence, in alternating order to even out drift (default 1), ``--methods=erm,sam,...``
-(default ``erm,sam,eisam_all,eisam_head``; also ``imbsam``, ``reweight``, ``logit_adjust``,
-``eisam``), ``--threads=T`` (``torch.set_num_threads``; on a CPU shared with other jobs
+(default ``erm,sam,eisam,eisam_head``; any method of :data:`recbole_eisam.methods.METHODS`),
+``--threads=T`` (``torch.set_num_threads``; on a CPU shared with other jobs
 ``--threads=1`` avoids the stalls of oversubscribed parallel kernels, which can slow small
 models many times over), ``--no_eval`` (skip the evaluation timing), ``--result_file=PATH``
 (the JSON also written there), ``--debug``. Any other ``--key=value`` is a config override, and
@@ -49,109 +49,40 @@ evaluation (``trainer.evaluate(test_data, load_best_model=False)``, all metrics 
 The output is a table, then, as the last line of stdout, one JSON object with all numbers.
 """
 
-import ctypes
-import gc
-import json
 import math
 import os
-import re
-import resource
 import statistics
 import sys
 import time
 
-from recbole_eisam.cli import build_parser, config_files_option, main_guard, parse_overrides
+import torch
+from recbole.utils import init_seed
+
+from recbole_eisam.bench.timing import (
+    MemoryProbe,
+    close_trainer,
+    make_trainer,
+    process_peak_rss_bytes,
+    report,
+    setup,
+    sync,
+    time_method,
+    timing_parser,
+)
+from recbole_eisam.cli import config_files_option, main_guard, parse_overrides
 from recbole_eisam.errors import EISAMError
-from recbole_eisam.methods import TRAIN_METHODS
+from recbole_eisam.methods import METHODS
+from recbole_eisam.methods import overrides as method_overrides
+from recbole_eisam.trainer.losses import get_head_split, head_split_reason
 from recbole_eisam.utils.machine import device_name
 
-#: method name -> config overrides that select it: every train_method, and EISAM in both scopes
-METHODS = {
-    **{name: {"train_method": name} for name in TRAIN_METHODS},
-    "eisam_all": {"train_method": "eisam", "eisam_scope": "all"},
-    "eisam_head": {"train_method": "eisam", "eisam_scope": "head"},
-}
-DEFAULT_METHODS = ("erm", "sam", "eisam_all", "eisam_head")
+DEFAULT_METHODS = ("erm", "sam", "eisam", "eisam_head")
 MiB = 1024.0 * 1024.0
-
-
-# --------------------------------------------------------------------------- memory
-def _proc_status_kib(field):
-    try:
-        with open("/proc/self/status") as f:
-            match = re.search(rf"^{field}:\s+(\d+)\s+kB", f.read(), re.M)
-        return int(match.group(1)) if match else None
-    except OSError:
-        return None
-
-
-def _reset_rss_peak():
-    """Reset the kernel's RSS high-water mark (VmHWM) to the current RSS; False if unsupported."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _release_free_memory():
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)  # give freed heap pages back, so RSS starts low
-    except (OSError, AttributeError):
-        pass
-
-
-def process_peak_rss_bytes():
-    """The process's peak RSS since it started, in bytes."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak) * (1 if sys.platform == "darwin" else 1024)
-
-
-class MemoryProbe:
-    """Peak memory of one block of work: RSS on CPU, ``max_memory_allocated`` on CUDA."""
-
-    def __init__(self, device):
-        self.device = device
-        self.cuda = device.type == "cuda"
-        self.kind = "cuda_max_memory_allocated" if self.cuda else "rss"
-
-    def start(self):
-        import torch
-
-        _release_free_memory()
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.base = torch.cuda.memory_allocated(self.device)
-            self.resettable = True
-        else:
-            self.resettable = _reset_rss_peak()
-            rss = _proc_status_kib("VmRSS")
-            self.base = None if rss is None else rss * 1024
-
-    def stop(self):
-        """``(peak bytes, peak minus the start, or None when the peak could not be reset)``."""
-        import torch
-
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
-            peak = torch.cuda.max_memory_allocated(self.device)
-        else:
-            hwm = _proc_status_kib("VmHWM")
-            peak = hwm * 1024 if hwm is not None else process_peak_rss_bytes()
-            if not self.resettable or self.base is None:
-                return peak, None
-        return peak, peak - self.base
 
 
 # --------------------------------------------------------------------------- set-up
 def _param_stats(model):
     """Parameter counts and bytes: total, trainable and (if the model has one) the head."""
-    from recbole_eisam.trainer.losses import get_head_split, head_split_reason
-
     params = dict(model.named_parameters())
     total = sum(p.numel() for p in params.values())
     trainable = [p for p in params.values() if p.requires_grad]
@@ -180,25 +111,8 @@ def perturbation_state_bytes(settings, params):
     return 2 * params["trainable_bytes"]  # saved theta + g_w, trainable tensors only
 
 
-def _fixed_steps(train_data, n_steps, accumulation, device):
-    """``n_steps`` lists of ``accumulation`` training batches each, on ``device``."""
-    needed = n_steps * accumulation
-    batches = []
-    while len(batches) < needed:
-        before = len(batches)
-        for interaction in train_data:
-            batches.append(interaction.to(device))
-            if len(batches) == needed:
-                break
-        if len(batches) == before:
-            raise EISAMError("The training split is empty: there is no batch to time.")
-    return [batches[i : i + accumulation] for i in range(0, needed, accumulation)]
-
-
 def _prompt_tokens(model, group):
     """``(real, padded)`` prompt tokens of one step's batches, or ``None`` without prompts."""
-    import torch
-
     if not hasattr(model, "build_prompts"):
         return None
     real = padded = 0
@@ -212,92 +126,15 @@ def _prompt_tokens(model, group):
     return real, padded
 
 
-class _TrainableSnapshot:
-    """The trainable parameters and the buffers of a model, to reset it between methods
-    (frozen parameters never change in training and are not copied)."""
-
-    def __init__(self, model):
-        self.params = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-        self.buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
-
-    def restore(self, model):
-        import torch
-
-        params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
-        with torch.no_grad():
-            for name, value in self.params.items():
-                params[name].copy_(value)
-                params[name].grad = None
-            for name, value in self.buffers.items():
-                buffers[name].copy_(value)
-
-
-def _sync(device):
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 # --------------------------------------------------------------------------- one method
-def _make_trainer(config, model, train_dataset, overrides):
-    """A fresh trainer (fresh optimizer) for ``model`` with ``overrides`` applied to ``config``
-    while it is built (the trainer reads its settings then); ``config`` is left unchanged."""
-    from recbole_eisam.quick_start import trainer_class
-
-    saved = {key: (config[key] if key in config else None) for key in overrides}
-    try:
-        for key, value in overrides.items():
-            config[key] = value
-        trainer = trainer_class(config)(config, model)
-    finally:
-        for key, value in saved.items():
-            config[key] = value
-    if getattr(trainer, "logits_fn", None) is None:
-        _close(trainer)
-        raise EISAMError(
-            f"Model '{config['model']}' gives no per-sample losses, so the EISAM trainer "
-            "cannot run its step for it (see recbole_eisam.trainer.losses)."
-        )
-    trainer.setup_item_weights(train_dataset)
-    return trainer
-
-
-def _close(trainer):
-    writer = getattr(trainer, "tensorboard", None)
-    if writer is not None:
-        writer.close()
-
-
-def time_method(trainer, steps, warmup, probe):
-    """Run ``warmup`` then the remaining steps of ``steps``; ``(seconds per timed step, peak, delta)``."""
-    import torch
-
-    device = trainer.device
-    scaler = torch.amp.GradScaler("cuda", enabled=trainer.enable_scaler)
-    trainer.model.train()
-    probe.start()
-    for group in steps[:warmup]:
-        trainer._step(group, scaler)
-    times = []
-    for group in steps[warmup:]:
-        _sync(device)
-        start = time.perf_counter()
-        trainer._step(group, scaler)
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    peak, delta = probe.stop()
-    return times, peak, delta
-
-
 def time_evaluation(trainer, train_data, test_data):
     """``(users, seconds)`` of RecBole's full evaluation of ``test_data``."""
     device = trainer.device
     trainer.eval_collector.data_collect(train_data)  # what fit() does first (item counts, ...)
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     trainer.evaluate(test_data, load_best_model=False, show_progress=False)
-    _sync(device)
+    sync(device)
     return int(test_data.sample_size), time.perf_counter() - start
 
 
@@ -327,8 +164,6 @@ def bench(
     Returns:
         dict: the JSON object printed by the command line (see the module docstring).
     """
-    import torch
-
     if steps < 1 or warmup < 0 or rounds < 1:
         raise EISAMError(f"Need steps >= 1, warmup >= 0 and rounds >= 1, got {steps}, {warmup}, {rounds}.")
     if threads is not None and threads < 1:
@@ -346,34 +181,7 @@ def bench(
         torch.set_num_threads(default_threads)  # the process's setting, for whatever runs next
 
 
-def setup(model_name, dataset_name, config_file_list, config_dict, n_steps):
-    """Config, data and model as :func:`recbole_eisam.quick_start.run` builds them, plus the
-    first ``n_steps`` training steps' batches (on the device) and a snapshot of the weights.
-
-    Returns:
-        tuple: ``(config, model, train_data, test_data, groups, snapshot)``.
-    """
-    from recbole.data import data_preparation
-    from recbole.utils import get_model, init_seed
-
-    from recbole_eisam.quick_start import build_dataset, load_config
-
-    config = load_config(model_name, dataset_name, config_file_list, config_dict)
-    init_seed(config["seed"], config["reproducibility"])
-    dataset = build_dataset(config)
-    train_data, _, test_data = data_preparation(config, dataset)
-    init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
-    model = get_model(config["model"])(config, train_data._dataset).to(config["device"])
-    snapshot = _TrainableSnapshot(model)
-    init_seed(config["seed"], config["reproducibility"])
-    accumulation = int(config["gradient_accumulation_steps"] or 1)
-    groups = _fixed_steps(train_data, n_steps, accumulation, config["device"])
-    return config, model, train_data, test_data, groups, snapshot
-
-
 def _bench(model_name, dataset_name, config_file_list, config_dict, steps, warmup, rounds, methods, evaluate):
-    import torch
-    from recbole.utils import init_seed
 
     config, model, train_data, test_data, groups, snapshot = setup(
         model_name, dataset_name, config_file_list, config_dict, warmup + steps
@@ -391,12 +199,12 @@ def _bench(model_name, dataset_name, config_file_list, config_dict, steps, warmu
     probe = MemoryProbe(device)
     # one untimed erm step first: lazy one-time costs (thread pools, kernel caches, allocator
     # arenas) are then paid by no method, not by whichever happens to run first
-    trainer = _make_trainer(config, model, train_data.dataset, METHODS["erm"])
+    trainer = make_trainer(config, model, train_data.dataset, method_overrides("erm"))
     try:
         model.train()
         trainer._step(groups[0], torch.amp.GradScaler("cuda", enabled=trainer.enable_scaler))
     finally:
-        _close(trainer)
+        close_trainer(trainer)
     del trainer
     times = {m: [] for m in methods}
     peaks, deltas, state_bytes, errors = {}, {}, {}, {}
@@ -408,7 +216,7 @@ def _bench(model_name, dataset_name, config_file_list, config_dict, steps, warmu
             snapshot.restore(model)
             init_seed(config["seed"], config["reproducibility"])
             try:
-                trainer = _make_trainer(config, model, train_data.dataset, METHODS[name])
+                trainer = make_trainer(config, model, train_data.dataset, method_overrides(name))
             except (ValueError, EISAMError) as err:
                 if name == "erm":
                     raise
@@ -419,7 +227,7 @@ def _bench(model_name, dataset_name, config_file_list, config_dict, steps, warmu
                 step_times, peak, delta = time_method(trainer, groups, warmup, probe)
             finally:
                 trainer.optimizer.zero_grad(set_to_none=True)
-                _close(trainer)
+                close_trainer(trainer)
             del trainer
             times[name].extend(step_times)
             peaks[name] = max(peaks.get(name, 0), peak)
@@ -430,11 +238,11 @@ def _bench(model_name, dataset_name, config_file_list, config_dict, steps, warmu
     if evaluate:
         snapshot.restore(model)
         init_seed(config["seed"], config["reproducibility"])
-        trainer = _make_trainer(config, model, train_data.dataset, METHODS["erm"])
+        trainer = make_trainer(config, model, train_data.dataset, method_overrides("erm"))
         try:
             eval_users, eval_seconds = time_evaluation(trainer, train_data, test_data)
         finally:
-            _close(trainer)
+            close_trainer(trainer)
 
     seconds = {m: (statistics.median(times[m]) if times[m] else None) for m in methods}
     erm = seconds["erm"]
@@ -535,29 +343,6 @@ def format_table(result):
         "perturbation); state = tensors kept for the perturbation (trainable params only)"
     )
     return "\n".join(lines)
-
-
-def timing_parser(description, steps, unit):
-    """The command-line parser of a timing benchmark: the usual options plus ``--steps``,
-    ``--warmup``, ``--rounds``, ``--threads`` and ``--result_file``."""
-    parser = build_parser(description)
-    parser.add_argument("--steps", type=int, default=steps, help=f"timed steps per {unit} and round (default {steps})")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps before them (default 2)")
-    parser.add_argument("--rounds", type=int, default=1, help="repetitions, every other one in reverse order (default 1)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--result_file", default=None, help="also write the JSON result to this path")
-    return parser
-
-
-def report(result, table, result_file=None):
-    """Write ``result`` to ``result_file`` (if given), print ``table``, then ``result`` as the
-    last line of stdout (one JSON object)."""
-    if result_file:
-        os.makedirs(os.path.dirname(os.path.abspath(result_file)), exist_ok=True)
-        with open(result_file, "w") as f:
-            json.dump(result, f, indent=2)
-    print(table)
-    print(json.dumps(result), flush=True)
 
 
 def main(argv):

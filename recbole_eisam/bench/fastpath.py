@@ -1,7 +1,7 @@
 """Before and after of each choice on LLMRec's fast path, measured in one process.
 
-    python -m recbole_eisam.bench_fastpath --dataset=ml-100k --steps=10 --rounds=2
-    python -m recbole_eisam.bench_fastpath --dataset=ml-100k --train_method=eisam
+    python -m recbole_eisam.bench.fastpath --dataset=ml-100k --steps=10 --rounds=2
+    python -m recbole_eisam.bench.fastpath --dataset=ml-100k --train_method=eisam
 
 Each line compares the way a plain implementation does one thing ("before") with what
 LLMRec does ("after"), on the same model, weights and batches:
@@ -17,7 +17,7 @@ LLMRec does ("after"), on the same model, weights and batches:
   encodings back from the on-disk cache (s once per run).
 
 Steps are the trainer's own (``train_method`` of the config, erm by default), timed as in
-:mod:`recbole_eisam.bench_speed`: warm-up steps, then timed ones, the weights reset between
+:mod:`recbole_eisam.bench.speed`: warm-up steps, then timed ones, the weights reset between
 variants, and with ``--rounds`` every other round in reverse order; a step's figure is the
 median. ``--changes=a,b`` picks lines; ``--threads``, ``--result_file``, ``--config_files``
 and ``--key=value`` overrides work as in ``bench_speed``. The last line of stdout is one
@@ -32,14 +32,17 @@ import sys
 import tempfile
 import time
 
-from recbole_eisam.bench_speed import (
+import torch
+from recbole.utils import init_seed
+
+from recbole_eisam.bench.timing import (
     MemoryProbe,
-    _close,
-    _make_trainer,
-    _sync,
+    close_trainer,
+    make_trainer,
     process_peak_rss_bytes,
     report,
     setup,
+    sync,
     time_method,
     timing_parser,
 )
@@ -67,8 +70,6 @@ def _base_model(model):
 @contextlib.contextmanager
 def _fixed_width_prompts(model):
     """Pad every prompt to the longest possible prompt (what fixed-length batching does)."""
-    import torch
-
     builder = model.prompt_builder
     width = int(
         builder.prefix_ids.numel()
@@ -134,8 +135,6 @@ def _trainer_overrides(change, after):
 
 def time_prompt_building(model, groups):
     """Median ms per batch of building the prompts: tokenizer per batch vs cached ids."""
-    import torch
-
     builder, tokenizer = model.prompt_builder, model.tokenizer
     prefix, suffix = model.prompt_template.split("{history}")
     texts = model.item_texts
@@ -187,8 +186,6 @@ def time_item_encodings(model):
 def bench_fastpath(dataset_name, config_file_list=None, config_dict=None, steps=10, warmup=2, rounds=1,
                    changes=tuple(CHANGES), threads=None, model_name="LLMRec"):
     """Measure each change of ``changes``; returns the JSON object the command line prints."""
-    import torch
-    from recbole.utils import init_seed
 
     unknown = [c for c in changes if c not in CHANGES]
     if unknown:
@@ -219,14 +216,14 @@ def bench_fastpath(dataset_name, config_file_list=None, config_dict=None, steps=
                         after = side == "after"
                         snapshot.restore(model)
                         init_seed(config["seed"], config["reproducibility"])
-                        trainer = _make_trainer(config, model, train_data.dataset,
+                        trainer = make_trainer(config, model, train_data.dataset,
                                                 _trainer_overrides(change, after))
                         try:
                             with _setting(model, change, after):
                                 step_times, peak, _ = time_method(trainer, groups, warmup, probe)
                         finally:
                             trainer.optimizer.zero_grad(set_to_none=True)
-                            _close(trainer)
+                            close_trainer(trainer)
                         times[side].extend(step_times)
                         peaks[side] = max(peaks.get(side, 0), peak)
                 measured = {side: statistics.median(t) for side, t in times.items()}
@@ -242,7 +239,7 @@ def bench_fastpath(dataset_name, config_file_list=None, config_dict=None, steps=
                 "default": _default(config, change),
             }
         snapshot.restore(model)
-        _sync(device)
+        sync(device)
         return {
             "model": config["model"],
             "dataset": config["dataset"],
