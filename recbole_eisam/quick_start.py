@@ -31,6 +31,7 @@ from recbole.utils import get_model, init_logger, init_seed
 from recbole_eisam.cli import USER_ERRORS
 from recbole_eisam.defaults import default_config_files
 from recbole_eisam.errors import DatasetNotFoundError, EISAMError, TrainingInterrupted
+from recbole_eisam.evaluator.collector import target_rank
 from recbole_eisam.registry import trainer_class
 from recbole_eisam.trainer import EISAMTrainer
 from recbole_eisam.validation import check_yaml_file, hold_console_log, validate_config, validate_dataset
@@ -112,9 +113,10 @@ def write_topk(trainer, eval_data, path, k=None):
     """Write the top-``k`` recommendations of every evaluation row as TSV.
 
     Columns: ``user_id``, ``target_item_id``, ``topk_item_ids`` (space-separated, best
-    first), all as the dataset's original tokens. The ranking is the one the evaluator
+    first), all as the dataset's original tokens, and ``target_rank``, the target's rank
+    among all items (ties share their mean rank). The ranking is the one the evaluator
     scores (history items and padding masked in full ranking, sampled candidates only in
-    sampled mode), so every top-K metric can be recomputed from the file.
+    sampled mode), so every top-K metric, and every full-rank one, can be recomputed.
     """
     config = trainer.config
     dataset = eval_data._dataset
@@ -138,15 +140,17 @@ def write_topk(trainer, eval_data, path, k=None):
             topk = torch.topk(scores, k, dim=-1).indices.cpu()
             targets = torch.zeros(scores.shape[0], dtype=torch.long)
             targets[positive_u.cpu()] = positive_i.cpu()
+            ranks = torch.zeros(scores.shape[0], dtype=torch.float64)
+            ranks[positive_u.cpu()] = target_rank(scores, positive_u, positive_i).cpu()
             user_tokens = dataset.id2token(uid_field, users.numpy())
             target_tokens = dataset.id2token(iid_field, targets.numpy())
             for row in range(scores.shape[0]):
                 items = dataset.id2token(iid_field, topk[row].numpy())
-                rows.append((user_tokens[row], target_tokens[row], " ".join(map(str, items))))
+                rows.append((user_tokens[row], target_tokens[row], " ".join(map(str, items)), f"{ranks[row]:g}"))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w", newline="") as f:
         writer = csv.writer(f, delimiter="\t", lineterminator="\n")
-        writer.writerow(["user_id", "target_item_id", "topk_item_ids"])
+        writer.writerow(["user_id", "target_item_id", "topk_item_ids", "target_rank"])
         writer.writerows(rows)
     return len(rows)
 

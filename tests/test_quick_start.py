@@ -14,7 +14,8 @@ from recbole_eisam.quick_start import load_config, run
 from recbole_eisam.utils import head_item_mask
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-METRICS = ["Hit", "NDCG", "HeadHit", "TailHit", "HeadNDCG", "TailNDCG", "TailCoverage", "ItemCoverage", "GiniIndex", "AveragePopularity"]
+METRICS = ["Hit", "NDCG", "HeadHit", "TailHit", "HeadNDCG", "TailNDCG", "TailCoverage", "ItemCoverage", "GiniIndex",
+           "AveragePopularity", "TailMRR", "HeadMRR"]
 
 
 def test_sasrec_end_to_end_and_topk_file_recomputes_metrics(tiny_config_dict, tmp_path):
@@ -24,7 +25,7 @@ def test_sasrec_end_to_end_and_topk_file_recomputes_metrics(tiny_config_dict, tm
                  result_file=str(tmp_path / "result.json"))
     test = result["test_result"]
     for name in ["hit@10", "ndcg@10", "headhit@10", "tailhit@10", "headndcg@10", "tailndcg@10",
-                 "tailcoverage@10", "itemcoverage@10", "giniindex@10", "averagepopularity@10"]:
+                 "tailcoverage@10", "itemcoverage@10", "giniindex@10", "averagepopularity@10", "tailmrr", "headmrr"]:
         assert test[name] is not None and math.isfinite(test[name]), name
     assert json.loads((tmp_path / "result.json").read_text())["test_result"] == test
 
@@ -47,6 +48,17 @@ def test_sasrec_end_to_end_and_topk_file_recomputes_metrics(tiny_config_dict, tm
     assert all(len(r["topk_item_ids"].split()) == 10 for r in rows)
     assert round(hits.mean(), 4) == test["hit@10"]
     assert round(hits[is_tail].mean(), 4) == test["tailhit@10"]
+    # the full rank: the list position where the target is listed, beyond the list elsewhere,
+    # and the full-rank metrics are its means
+    ranks = np.array([float(r["target_rank"]) for r in rows])
+    for r, rank in zip(rows, ranks):
+        listed = r["topk_item_ids"].split()
+        if r["target_item_id"] in listed:
+            assert rank == listed.index(r["target_item_id"]) + 1
+        else:
+            assert rank > 10
+    assert round((1 / ranks[is_tail]).mean(), 4) == test["tailmrr"]
+    assert round((1 / ranks[~is_tail]).mean(), 4) == test["headmrr"]
 
 
 def test_cli_runs_with_overrides_and_config_files(tiny_data, tmp_path):

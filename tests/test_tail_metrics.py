@@ -118,3 +118,20 @@ def test_rows_with_several_positives_are_refused():
     collector = TailCollector(config)
     with pytest.raises(ValueError, match="exactly one ground-truth item"):
         collector.eval_batch_collect(FULL_SCORES.clone(), None, torch.tensor([0, 0, 1, 2, 3]), torch.tensor([1, 2, 5, 4, 3]))
+
+
+def test_mrr_of_the_full_rank_by_hand():
+    """Ranks 1, 3, 6, 2 (module header): head rows 1 and 2, tail rows 3 and 6."""
+    config = dict(_config(), metrics=["HeadMRR", "TailMRR", "TailNDCG"], topk=[1])
+    r = _evaluate(FULL_SCORES.clone(), config)
+    assert r["headmrr"] == pytest.approx((1 + 1 / 2) / 2)
+    assert r["tailmrr"] == pytest.approx((1 / 3 + 1 / 6) / 2)
+    assert r["tailndcg@1"] == 0  # the cut-off metric sees neither tail row
+
+
+def test_target_rank_shares_ties():
+    from recbole_eisam.evaluator.collector import target_rank
+
+    scores = torch.tensor([[NEG, 2.0, 2.0, 1.0, 2.0], [NEG, 3.0, 1.0, 1.0, 0.5]])
+    ranks = target_rank(scores, torch.tensor([0, 1]), torch.tensor([2, 3]))
+    assert ranks.tolist() == [2.0, 2.5]  # three-way tie at the top; two-way tie for second

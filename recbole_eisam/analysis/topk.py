@@ -1,8 +1,9 @@
 """Per-user metrics from top-K files, and the per-item training statistics behind them.
 
 A top-K file is the TSV written by ``quick_start.run(save_topk=PATH)``: one row per test
-user (leave-one-out: one target item per row), columns ``user_id``, ``target_item_id``
-and ``topk_item_ids`` (space-separated original tokens, best first).
+user (leave-one-out: one target item per row), columns ``user_id``, ``target_item_id``,
+``topk_item_ids`` (space-separated original tokens, best first) and, in files written since
+full ranks are kept, ``target_rank`` (the target's rank among all items).
 
 With one relevant item per row, ``NDCG@K = 1 / log2(rank + 1)`` when the target's rank
 is ``<= K`` and 0 otherwise; ``Hit@K`` is 1 when the rank is ``<= K``. These are the
@@ -48,7 +49,8 @@ def target_ranks(frame):
 
 
 def read_topk(path, k=10):
-    """Read a top-K TSV; adds ``rank``, ``ndcg`` (NDCG@k) and ``hit`` (Hit@k) per row.
+    """Read a top-K TSV; adds ``rank``, ``ndcg`` (NDCG@k) and ``hit`` (Hit@k) per row, and,
+    when the file has the full rank, ``full_rank`` and ``rr`` (``1 / full_rank``).
 
     Raises ``ValueError`` when a list is shorter than ``k`` (the metric would be wrong).
     """
@@ -64,6 +66,9 @@ def read_topk(path, k=10):
     frame["hit"] = (ranks <= k).astype(np.float64)
     with np.errstate(divide="ignore"):
         frame["ndcg"] = np.where(ranks <= k, 1.0 / np.log2(ranks + 1.0), 0.0)
+    if "target_rank" in frame.columns:
+        frame["full_rank"] = frame["target_rank"].astype(np.float64)
+        frame["rr"] = 1.0 / frame["full_rank"]
     # a user may in principle appear twice (several test targets): number the occurrences
     frame["occurrence"] = frame.groupby(["user_id", "target_item_id"]).cumcount()
     return frame

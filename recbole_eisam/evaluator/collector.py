@@ -2,8 +2,9 @@
 
 RecBole's collector stores, per row, only a 0/1 hit vector (``rec.topk``) and the
 recommended ids (``rec.items``), so a metric cannot tell whether the row's target is a
-head or a tail item. :class:`TailCollector` adds the resource ``rec.gt_items`` (one
-internal item id per row) and fixes ``get_data_struct`` of RecBole 1.2.1, which calls
+head or a tail item. :class:`TailCollector` adds the resources ``rec.gt_items`` (one
+internal item id per row) and ``rec.target_rank`` (the target's rank among all items), and
+fixes ``get_data_struct`` of RecBole 1.2.1, which calls
 ``.cpu()`` on non-tensor resources (``data.num_items``, ``data.count_items``) and so
 crashes whenever ``ItemCoverage``, ``GiniIndex`` or ``AveragePopularity`` is requested.
 ``data.count_items`` counts every interaction of the training split
@@ -23,13 +24,25 @@ from recbole.evaluator.collector import Collector
 from recbole_eisam.utils.longtail import item_counts
 
 GT_ITEMS = "rec.gt_items"
+#: per row, the target's rank among all items (1 = first; ties share their mean rank)
+TARGET_RANK = "rec.target_rank"
+
+
+def target_rank(scores, positive_u, positive_i):
+    """The rank of each row's target among all items, ``1 + #higher + (#equal - 1) / 2``: the
+    full ranking that a top-K cut hides (masked items score ``-inf`` and rank last)."""
+    target = scores[positive_u, positive_i].unsqueeze(1)
+    rows = scores[positive_u]
+    higher = (rows > target).sum(dim=1).double()
+    equal = (rows == target).sum(dim=1).double()
+    return 1.0 + higher + (equal - 1.0) / 2.0
 
 
 class TailCollector(Collector):
     """RecBole's collector plus the per-row ground-truth item (next-item evaluation)."""
 
     #: per-batch resources, reset after every evaluation
-    batch_keys = ("rec.topk", "rec.meanrank", "rec.score", "rec.items", "data.label", GT_ITEMS)
+    batch_keys = ("rec.topk", "rec.meanrank", "rec.score", "rec.items", "data.label", GT_ITEMS, TARGET_RANK)
 
     def data_collect(self, train_data):
         super().data_collect(train_data)
@@ -52,6 +65,8 @@ class TailCollector(Collector):
             gt = torch.empty(n_rows, dtype=torch.long)
             gt[positive_u.to(torch.long).cpu()] = positive_i.to(torch.long).cpu()
             self.data_struct.update_tensor(GT_ITEMS, gt)
+        if self.register.need(TARGET_RANK):
+            self.data_struct.update_tensor(TARGET_RANK, target_rank(scores_tensor, positive_u, positive_i).cpu())
 
     def get_data_struct(self):
         data = self.data_struct._data_dict

@@ -9,6 +9,9 @@ real item. Each row of evaluation has one ground-truth item (next-item recommend
 * ``HeadNDCG@K`` / ``TailNDCG@K``: the same for NDCG@K (one relevant item, so
   ``NDCG = 1 / log2(rank + 1)`` when ``rank <= K``, else 0).
 * ``TailCoverage@K``: share of tail items that appear in at least one top-K list.
+* ``HeadMRR`` / ``TailMRR``: the mean of ``1 / rank`` over the head / tail rows, ``rank`` the
+  target's rank among *all* items (no cut-off): every row counts, so these see the tail's
+  movement below rank 10, where a tail target usually is.
 
 A group with no row (e.g. no test target is a head item) gives ``nan``: the average over
 an empty set is undefined, and 0 would be a wrong number.
@@ -21,7 +24,7 @@ import torch
 from recbole.evaluator.base_metric import AbstractMetric, TopkMetric
 from recbole.utils import EvaluatorType
 
-from recbole_eisam.evaluator.collector import GT_ITEMS
+from recbole_eisam.evaluator.collector import GT_ITEMS, TARGET_RANK
 from recbole_eisam.utils.longtail import head_item_mask
 
 
@@ -87,6 +90,37 @@ class TailNDCG(_GroupTopkMetric):
     group, base = "tail", "ndcg"
 
 
+class _GroupRankMetric(AbstractMetric):
+    """Mean reciprocal full rank over the rows whose target is in one item group."""
+
+    metric_type = EvaluatorType.RANKING
+    metric_need = [TARGET_RANK, GT_ITEMS, "data.count_items", "data.num_items"]
+    group = None  # "head" or "tail"
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.config = config
+
+    def calculate_metric(self, dataobject):
+        is_head = _head_mask(self.config, dataobject)[dataobject.get(GT_ITEMS).numpy()]
+        rows = is_head if self.group == "head" else ~is_head
+        ranks = dataobject.get(TARGET_RANK).numpy().astype(np.float64)[rows]
+        value = float((1.0 / ranks).mean()) if ranks.size else float("nan")
+        return {f"{self.group}mrr": round(value, self.decimal_place)}
+
+
+class HeadMRR(_GroupRankMetric):
+    r"""Mean of 1 / (full rank of the target) over the rows whose target is a head item."""
+
+    group = "head"
+
+
+class TailMRR(_GroupRankMetric):
+    r"""Mean of 1 / (full rank of the target) over the rows whose target is a tail item."""
+
+    group = "tail"
+
+
 class TailCoverage(AbstractMetric):
     r"""Share of tail items recommended in at least one top-K list.
 
@@ -115,4 +149,4 @@ class TailCoverage(AbstractMetric):
         return result
 
 
-TAIL_METRICS = [HeadHit, TailHit, HeadNDCG, TailNDCG, TailCoverage]
+TAIL_METRICS = [HeadHit, TailHit, HeadNDCG, TailNDCG, HeadMRR, TailMRR, TailCoverage]

@@ -14,7 +14,7 @@ class DistributedMixin:
     """The multi-process half of :class:`~recbole_eisam.trainer.EISAMTrainer`."""
 
     #: per-row resources of RecBole's collector, gathered over processes by :meth:`evaluate`
-    ROW_KEYS = ("rec.topk", "rec.meanrank", "rec.score", "rec.items", "data.label", "rec.gt_items")
+    ROW_KEYS = ("rec.topk", "rec.meanrank", "rec.score", "rec.items", "data.label", "rec.gt_items", "rec.target_rank")
 
     def is_main_process(self):
         return self.config["single_spec"] or dist.get_rank() == 0
