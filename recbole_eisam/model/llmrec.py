@@ -28,6 +28,7 @@ from torch import nn
 
 from recbole_eisam.model import item_text as it
 from recbole_eisam.model.llm_backbone import load_backbone
+from recbole_eisam.model.state_cache import PromptStateCache
 from recbole_eisam.utils.longtail import item_counts
 
 
@@ -86,6 +87,13 @@ class LLMRec(SequentialRecommender):
         self.use_item_id_embedding = bool(config["item_id_embedding"])
         self.use_item_bias = bool(config["item_bias"])
         self.use_item_id_tokens = bool(config["item_id_tokens"])
+        self.llm_frozen = bool(config["llm_frozen"])
+        self.attn_implementation = config["llm_attn_implementation"]
+        if self.llm_frozen and self.use_item_id_tokens:
+            raise ValueError(
+                "llm_frozen=True computes each prompt's state once with the frozen LLM, so the prompt "
+                "cannot hold trainable ID embeddings: set item_id_tokens: False."
+            )
         self.projection_size = int(config["projection_size"])
         self.head_dropout_prob = float(config["head_dropout"])
         self.show_progress = bool(config["show_progress"])
@@ -105,7 +113,7 @@ class LLMRec(SequentialRecommender):
             trust_remote_code=bool(config["trust_remote_code"]),
             gradient_checkpointing=bool(config["gradient_checkpointing"]),
             attn_implementation=config["llm_attn_implementation"],
-            lora_r=int(config["lora_r"]),
+            lora_r=0 if self.llm_frozen else int(config["lora_r"]),
             lora_alpha=float(config["lora_alpha"]),
             lora_dropout=float(config["lora_dropout"]),
             lora_target_modules=config["lora_target_modules"],
@@ -164,6 +172,15 @@ class LLMRec(SequentialRecommender):
         else:
             self.item_bias = None
         self.loss_fct = nn.CrossEntropyLoss()
+        self.state_cache = None  # llm_frozen: the prompt states, computed once (model/state_cache.py)
+        if self.llm_frozen and config["llm_state_cache"]:
+            self.state_cache = PromptStateCache(
+                self.llm_cache_dir, self._state_key_parts(), self._frozen_states, self.item_encode_batch_size,
+                self.logger, self.show_progress,
+            )
+            windows = self.prompt_builder.history(dataset.inter_feat[self.ITEM_SEQ], dataset.inter_feat[self.ITEM_SEQ_LEN])
+            self.state_cache.build(windows, what="training")
+            self.state_cache.flush()
         lengths = self.prompt_builder.item_token_len[1:].float()
         self.logger.info(
             f"LLMRec: backbone {self.backbone_info['gguf_file'] or self.backbone_info['folder']} "
@@ -214,7 +231,37 @@ class LLMRec(SequentialRecommender):
         """``(input_ids, attention_mask, lengths)`` of the history prompts (right-padded)."""
         return self.prompt_builder(item_seq, item_seq_len)
 
+    def _state_key_parts(self):
+        """Everything a prompt's frozen state depends on (the prompt-state cache's key)."""
+        info = self.backbone_info
+        return {
+            "model": info["fingerprint"], "gguf_file": info["gguf_file"], "num_layers": info["num_layers"],
+            "dtype": str(info["dtype"]), "dataset": self.dataset_name,
+            "item_texts": it.cache_key({"t": self.item_texts}), "prompt_template": self.prompt_template,
+            "history_item_template": self.history_item_template, "max_history_items": self.max_history_items,
+            "max_item_tokens": self.max_item_tokens, "user_pooling": self.user_pooling,
+            "attn_implementation": self.attn_implementation,
+        }
+
+    @torch.no_grad()
+    def _frozen_states(self, windows):
+        """The frozen LLM's states of history windows ``[B, max_history_items]``."""
+        length = torch.full((windows.size(0),), windows.size(1), dtype=torch.long, device=windows.device)
+        input_ids, attention_mask, lengths = self.build_prompts(windows.to(self.device), length.to(self.device))
+        output = self.backbone(input_ids=input_ids, attention_mask=attention_mask)
+        return self._pool(output.last_hidden_state, attention_mask, lengths)
+
+    def _pool(self, hidden, attention_mask, lengths):
+        """The user state ``[B, H]`` from the prompt's hidden states (``user_pooling``)."""
+        if self.user_pooling == "mean":  # mean over each prompt's real tokens
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            return ((hidden * mask).sum(1) / mask.sum(1).clamp(min=1)).float()  # [B H]
+        return self.gather_indexes(hidden, lengths - 1).float()  # each prompt's real last token
+
     def forward(self, item_seq, item_seq_len):
+        if self.llm_frozen:  # the state depends on the window of history items alone
+            windows = self.prompt_builder.history(item_seq, item_seq_len)
+            return self._frozen_states(windows) if self.state_cache is None else self.state_cache.lookup(windows)
         if self.use_item_id_tokens:
             input_ids, attention_mask, lengths, owners = self.prompt_builder(item_seq, item_seq_len, return_items=True)
             embeds = self.backbone.get_input_embeddings()(input_ids)
@@ -223,12 +270,7 @@ class LLMRec(SequentialRecommender):
         else:
             input_ids, attention_mask, lengths = self.build_prompts(item_seq, item_seq_len)
             output = self.backbone(input_ids=input_ids, attention_mask=attention_mask)
-        hidden = output.last_hidden_state
-        if self.user_pooling == "mean":  # mean over each prompt's real tokens
-            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-            return ((hidden * mask).sum(1) / mask.sum(1).clamp(min=1)).float()  # [B H]
-        hidden = self.gather_indexes(hidden, lengths - 1)  # each prompt's real last token
-        return hidden.float()  # [B H]
+        return self._pool(output.last_hidden_state, attention_mask, lengths)
 
     def encode_sequence(self, interaction):
         """Backbone part: the LLM's hidden state at each prompt's last token, ``[B, H]``."""
@@ -280,6 +322,11 @@ class LLMRec(SequentialRecommender):
 
     def full_sort_predict(self, interaction):
         return self.score(self.encode_sequence(interaction))  # [B n_items]
+
+    def flush_caches(self):
+        """Write the prompt states computed since the last write (``llm_frozen`` with its cache)."""
+        if self.state_cache is not None:
+            self.state_cache.flush()
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint_state_dict(self):

@@ -331,6 +331,13 @@ class EISAMTrainer(ResumeMixin, DistributedMixin, CheckpointMixin, Trainer):
             checkpoint_file = model_file or self.saved_model_file
             self._load_weights(checkpoint_file)
             self.logger.info(f"Loading model parameters from {ckpt.paths(checkpoint_file)[0]}")
+        try:
+            return self._evaluate(eval_data, show_progress)
+        finally:
+            if self.is_main_process() and hasattr(self.model, "flush_caches"):
+                self.model.flush_caches()  # e.g. LLMRec's frozen prompt states of the new users
+
+    def _evaluate(self, eval_data, show_progress):
         if self.config["single_spec"]:
             return super().evaluate(eval_data, load_best_model=False, show_progress=show_progress)
         collector = self.eval_collector

@@ -1,0 +1,72 @@
+"""LLMRec's frozen-LLM fast path: prompt states computed once, cached on disk, head-only training."""
+
+import os
+
+import pytest
+import torch
+
+from recbole_eisam.quick_start import run
+from test_llmrec import build, first_batch, tiny_llm_config
+
+pytest.importorskip("transformers")
+
+
+@pytest.fixture
+def frozen_config(tiny_config_dict, tiny_llm, tmp_path):
+    # one batch for every pass, so the prompts are encoded in the same company everywhere
+    return tiny_llm_config(
+        tiny_config_dict, tiny_llm, tmp_path / "llm_cache", llm_frozen=True, item_id_tokens=False,
+        train_sample_num=0, train_batch_size=1000, eval_batch_size=1000, item_encode_batch_size=1000,
+        head_dropout=0.0, epochs=3, learning_rate=0.01, metrics=["Hit", "NDCG", "TailMRR"], topk=[10],
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_llm(tmp_path_factory):
+    from test_llmrec import save_tiny_llama
+
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama_frozen"))
+
+
+def test_cached_states_equal_the_frozen_models_states(frozen_config):
+    model, (train, _, _), _ = build(frozen_config)
+    assert all(not p.requires_grad for n, p in model.named_parameters() if n.startswith("backbone."))
+    assert not any("lora_" in n for n, _ in model.named_parameters())  # frozen: no adapters
+    trainable = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable <= set(model.HEAD_MODULES)  # training updates only the head
+    assert len(model.state_cache) == len({tuple(w.tolist()) for w in model.prompt_builder.history(
+        train.dataset.inter_feat[model.ITEM_SEQ], train.dataset.inter_feat[model.ITEM_SEQ_LEN])})
+    assert os.path.isfile(model.state_cache.path)
+    batch = first_batch(train)
+    cached = model.forward(batch[model.ITEM_SEQ], batch[model.ITEM_SEQ_LEN])
+    windows = model.prompt_builder.history(batch[model.ITEM_SEQ], batch[model.ITEM_SEQ_LEN])
+    direct = model._frozen_states(windows)
+    assert torch.allclose(cached, direct, atol=1e-5)
+    assert not cached.requires_grad
+
+
+def test_cached_run_equals_the_uncached_frozen_run(frozen_config):
+    cached = run("LLMRec", "tiny", config_dict=dict(frozen_config))
+    uncached = run("LLMRec", "tiny", config_dict=dict(frozen_config, llm_state_cache=False))
+    assert cached["test_result"] == uncached["test_result"]
+    assert cached["best_valid_result"] == uncached["best_valid_result"]
+    assert cached["test_result"]["ndcg@10"] > 0
+    again = run("LLMRec", "tiny", config_dict=dict(frozen_config))  # every state read from the disk cache
+    assert again["test_result"] == cached["test_result"]
+
+
+def test_second_build_reads_the_cache_instead_of_encoding(frozen_config, monkeypatch):
+    first, _, _ = build(frozen_config)
+    first.flush_caches()
+    calls = []
+    from recbole_eisam.model import llmrec
+
+    original = llmrec.LLMRec._frozen_states
+    monkeypatch.setattr(llmrec.LLMRec, "_frozen_states", lambda self, w: calls.append(len(w)) or original(self, w))
+    second, (train, _, _), _ = build(frozen_config)
+    assert calls == [] and len(second.state_cache) == len(first.state_cache)
+
+
+def test_frozen_with_id_tokens_is_one_sentence(frozen_config):
+    with pytest.raises(ValueError, match="llm_frozen=True .* set item_id_tokens: False"):
+        build(dict(frozen_config, item_id_tokens=True))
