@@ -79,3 +79,18 @@ def test_bad_input_is_one_sentence(tmp_path, capsys, args, words):
     assert err.startswith("error: ") and len(err.splitlines()) == 1
     for word in words:
         assert word in err
+
+
+def test_pilot_prints_the_minimum_detectable_difference(tmp_path, capsys):
+    """Two seeds of one method: their per-user differences are the noise a grid must beat."""
+    stats_path, files, _ = _write(tmp_path, np.random.default_rng(5))
+    argv = [f"--a={files[('a', 1)]}", f"--b={files[('a', 2)]}", f"--item_stats={stats_path}", "--seeds=1,4"]
+    assert main_guard(ct.main, argv) == 0
+    out = capsys.readouterr().out
+    assert "Resolution, from the first pair" in out
+    diff = _ndcg(files[("a", 1)]) - _ndcg(files[("a", 2)])
+    row = next(line for line in out.splitlines() if line.startswith("| NDCG@10, all users |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    z = stats.norm.ppf(0.975) + stats.norm.ppf(0.8)
+    assert float(cells[4]) == pytest.approx(z * diff.std(ddof=1) / np.sqrt(4 * len(diff)), abs=5e-5)  # S = 4
+    assert main_guard(ct.main, argv[:2] + ["--seeds=3"]) == 2  # needs the item statistics

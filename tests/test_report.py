@@ -270,13 +270,57 @@ def test_eisam_against_each_baseline_is_paired_on_the_seeds_both_ran(bench):
     ])
     tail_rows = np.tile([int(t[1:]) > HEAD for t in targets], 2)
     text = open(report.build_report(out, plots=False)).read()
-    line = next(l for l in text.splitlines() if l.startswith("| sam | ") and l.count("|") == 7)
+    line = next(l for l in text.splitlines() if l.startswith("| sam | ") and l.count("|") == 8)
     cells = [c.strip() for c in line.strip("|").split("|")]
-    assert float(cells[1]) == pytest.approx(diffs.mean(), abs=5e-6)  # EISAM - baseline
+
+    def value_and_ci(cell):
+        value, interval = cell.split(" [")
+        lo, hi = interval.rstrip("]").split(", ")
+        return float(value), float(lo), float(hi)
+
+    mean_all, lo, hi = value_and_ci(cells[1])
+    assert mean_all == pytest.approx(diffs.mean(), abs=5e-6)  # EISAM - baseline
+    # the interval is over users: each user's difference averaged over the two seeds
+    per_user = diffs.reshape(2, -1).mean(axis=0)
+    half = 1.96 * per_user.std(ddof=1) / np.sqrt(len(per_user))
+    assert lo < mean_all < hi and (hi - lo) / 2 == pytest.approx(half, rel=0.3)
     assert float(cells[2]) == pytest.approx(stats.wilcoxon(diffs).pvalue, abs=5e-4)  # 3 decimals
-    assert float(cells[3]) == pytest.approx(diffs[tail_rows].mean(), abs=5e-6)
+    assert value_and_ci(cells[3])[0] == pytest.approx(diffs[tail_rows].mean(), abs=5e-6)
     assert float(cells[4]) == pytest.approx(stats.wilcoxon(diffs[tail_rows]).pvalue, abs=5e-4)
-    assert cells[5] == "1, 2"
-    assert "| eisam_noweight (ablation) | 0.00000 | 1.000 | 0.00000 | 1.000 | 3 |" in text
+    assert cells[5] == ""  # these top-K files hold no full rank
+    assert cells[6] == "1, 2"
+    zero = "+0.00000 [+0.00000, +0.00000]"
+    assert f"| eisam_noweight (ablation) | {zero} | 1.000 | {zero} | 1.000 |  | 3 |" in text
     # neither ERM nor an unknown method gets a head-to-head row
-    assert not any(l.startswith(("| erm | ", "| same | ")) and l.count("|") == 7 for l in text.splitlines())
+    assert not any(l.startswith(("| erm | ", "| same | ")) and l.count("|") == 8 for l in text.splitlines())
+
+
+def test_resolution_from_two_erm_seeds(bench):
+    """The minimum detectable difference: (z_0.975 + z_0.8) * SD(seed difference) / sqrt(S * users)."""
+    out, targets = bench
+    diff = _ndcg(os.path.join(out, "runs/erm-1.tsv")) - _ndcg(os.path.join(out, "runs/erm-2.tsv"))
+    tail = np.array([int(t[1:]) > HEAD for t in targets])
+    text = open(report.build_report(out, plots=False)).read()
+    assert "Resolution, from ERM's seeds 1 and 2" in text
+    row = next(l for l in text.splitlines() if l.startswith("| NDCG@10, all users |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert float(cells[2]) == pytest.approx(diff.std(ddof=1), abs=5e-5)
+    z = stats.norm.ppf(0.975) + stats.norm.ppf(0.8)
+    header = next(l for l in text.splitlines() if l.startswith("| measure | mean"))
+    columns = [c.strip() for c in header.strip("|").split("|")]
+    s3 = columns.index("S = 3")
+    assert float(cells[s3]) == pytest.approx(z * diff.std(ddof=1) / np.sqrt(3 * len(diff)), abs=5e-5)
+    tail_row = next(l for l in text.splitlines() if l.startswith("| NDCG@10, tail users |"))
+    tail_cells = [c.strip() for c in tail_row.strip("|").split("|")]
+    assert float(tail_cells[s3]) == pytest.approx(
+        z * diff[tail].std(ddof=1) / np.sqrt(3 * tail.sum()), abs=5e-5)
+    assert numbers.minimum_detectable_difference(1.0, 100) == pytest.approx(z / 10)
+
+
+def test_bootstrap_interval_covers_the_mean_at_the_normal_width():
+    rng = np.random.default_rng(3)
+    values = rng.normal(0.2, 1.0, size=4000)
+    lo, hi = numbers.bootstrap_ci(values)
+    assert lo < values.mean() < hi
+    assert (hi - lo) / 2 == pytest.approx(1.96 * values.std(ddof=1) / np.sqrt(len(values)), rel=0.1)
+    assert numbers.bootstrap_ci(values) == (lo, hi)  # a fixed seed: the same interval every time

@@ -40,6 +40,7 @@ from recbole_eisam.analysis.plots import plot_deciles, plot_head_tail
 from recbole_eisam.analysis.stats import (
     ABLATIONS,
     BASELINE,
+    BOOTSTRAP,
     LONGTAIL_BASELINES,
     METRICS,
     K,
@@ -47,7 +48,9 @@ from recbole_eisam.analysis.stats import (
     decile_curves,
     load_results,
     method_sort_key,
+    minimum_detectable_difference,
     paired_tests,
+    seed_noise,
     summarize,
 )
 from recbole_eisam.cli import main_guard
@@ -150,11 +153,21 @@ def decile_table_lines(curve, k=K):
     return lines
 
 
+def _ci(value, ci, digits=4):
+    """``+0.0012 [-0.0003, +0.0027]``: a difference and its 95% interval."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    lo, hi = ci if isinstance(ci, (tuple, list)) else (float("nan"), float("nan"))
+    return f"{value:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]"
+
+
 def model_table(summary, tests, dataset, model, metrics=METRICS):
-    """Markdown table of one model: metrics (mean ± std (Δ vs ERM)), p-values, seeds."""
+    """Markdown table of one model: metrics (mean ± std (Δ vs ERM)), the differences to ERM
+    with their 95% intervals, p-values, seeds."""
     part = summary.xs((dataset, model), level=("dataset", "model"))
     methods = sorted(part.index, key=method_sort_key)
-    header = ["method"] + [name for _, name in metrics] + ["p (all)", "p (tail)", "seeds"]
+    header = ["method"] + [name for _, name in metrics] + [
+        "Δ NDCG@10 vs ERM [95% CI]", "Δ TailNDCG@10 [95% CI]", "Δ TailMRR [95% CI]", "p (all)", "p (tail)", "seeds"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for method in methods:
         row = part.loc[method]
@@ -162,12 +175,37 @@ def model_table(summary, tests, dataset, model, metrics=METRICS):
         cells += [_cell(row, key, method != BASELINE) for key, _ in metrics]
         if method != BASELINE and (dataset, model, method) in tests.index:
             test = tests.loc[(dataset, model, method)]
-            cells += [_fmt_p(test["p_all"]), _fmt_p(test["p_tail"])]
+            cells += [_ci(test["mean_diff_all"], test["ci_all"]), _ci(test["mean_diff_tail"], test["ci_tail"]),
+                      _ci(test.get("mean_diff_tail_rr"), test.get("ci_tail_rr")),
+                      _fmt_p(test["p_all"]), _fmt_p(test["p_tail"])]
         else:
-            cells += ["", ""]
+            cells += [""] * 5
         cells.append(str(row["n_seeds"]))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def resolution_lines(entry, seed_counts, source):
+    """What differences can be told from seed noise (``entry``: :func:`stats.noise_between`),
+    at 80% power and a two-sided 5% level, for differences averaged over each of
+    ``seed_counts`` seeds per user."""
+    counts = sorted(set(seed_counts))
+    lines = [
+        f"Resolution, from {source} (per-user differences between two seeds are pure seed noise; "
+        f"{entry['users']['all']} users, {entry['users']['tail']} of them with a tail target): the smallest "
+        "true difference a paired test finds with 80% power at a two-sided 5% level, for differences "
+        "averaged over S seeds per user (a lower bound: it leaves out how much the effect itself "
+        "varies between users).",
+        "",
+        "| measure | mean | per-user SD of a seed difference | " + " | ".join(f"S = {n}" for n in counts) + " |",
+        "|" + "---|" * (3 + len(counts)),
+    ]
+    for key, name, users in (("ndcg_all", "NDCG@10, all users", "all"), ("ndcg_tail", "NDCG@10, tail users", "tail"),
+                             ("rr_tail", "MRR, tail users", "tail")):
+        sd, n = entry["sd"][key], entry["users"][users]
+        cells = [minimum_detectable_difference(sd / math.sqrt(s), n) for s in counts]
+        lines.append(f"| {name} | {_fmt(entry['mean'][key])} | {_fmt(sd)} | " + " | ".join(_fmt(c) for c in cells) + " |")
+    return lines
 
 
 def bar_lines(summary, dataset, model):
@@ -206,34 +244,40 @@ def bar_lines(summary, dataset, model):
 
 
 def head_to_head_lines(against_eisam, dataset, model, k=K):
-    """EISAM against each long-tail baseline, then each ablation, on the same users and
-    seeds, as a table.
+    """EISAM against each long-tail baseline, each EISAM variant and each ablation, on the
+    same users and seeds, as a table.
 
     ``against_eisam`` is :func:`paired_tests` with ``reference="eisam"``: its differences are
-    baseline - EISAM, shown here as EISAM - baseline (positive: EISAM ahead). Empty when no
-    baseline or ablation has a seed in common with EISAM.
+    other - EISAM, shown here as EISAM - other (positive: EISAM ahead), with the intervals
+    turned the same way. Empty when no other method has a seed in common with EISAM.
     """
     lines = []
-    for method in LONGTAIL_BASELINES + ABLATIONS:
+    for method in LONGTAIL_BASELINES + tuple(m for m in METHODS if METHODS[m].role == "eisam") + ABLATIONS:
         key = (dataset, model, method)
         if key not in against_eisam.index or not against_eisam.loc[key, "per_seed"]:
             continue
         test = against_eisam.loc[key]
+
+        def flipped(name):
+            lo, hi = test[f"ci_{name}"]
+            return _ci(0.0 - test[f"mean_diff_{name}"], (0.0 - hi, 0.0 - lo), 5)
+
+        rr = _ci(0.0 - test["mean_diff_tail_rr"], tuple(0.0 - x for x in reversed(test["ci_tail_rr"])), 5)
         lines.append(
             f"| {method}{' (ablation)' if method in ABLATIONS else ''} | "
-            f"{_fmt(0.0 - test['mean_diff_all'], 5)} | {_fmt_p(test['p_all'])} | "
-            f"{_fmt(0.0 - test['mean_diff_tail'], 5)} | {_fmt_p(test['p_tail'])} | "
-            f"{', '.join(str(s) for s in sorted(test['per_seed']))} |"
+            f"{flipped('all')} | {_fmt_p(test['p_all'])} | {flipped('tail')} | {_fmt_p(test['p_tail'])} | "
+            f"{rr} | {', '.join(str(s) for s in sorted(test['per_seed']))} |"
         )
     if not lines:
         return []
     return [
-        "EISAM against each long-tail baseline and ablation, paired on the same users and seed "
-        f"(per-user NDCG@{k}, EISAM - other method, pooled over the seeds both ran; Wilcoxon as "
-        "above):",
+        "EISAM against each other method, paired on the same users and seed (EISAM - other "
+        f"method, per-user NDCG@{k} and the tail's reciprocal rank; 95% paired bootstrap "
+        "intervals over users; Wilcoxon on users x seeds pooled):",
         "",
-        f"| method | Δ NDCG@{k} (all) | p (all) | Δ NDCG@{k} (tail users) | p (tail) | seeds |",
-        "|---|---|---|---|---|---|",
+        f"| method | Δ NDCG@{k} (all) [95% CI] | p (all) | Δ NDCG@{k} (tail users) [95% CI] | p (tail) | "
+        "Δ MRR (tail users) [95% CI] | seeds |",
+        "|---|---|---|---|---|---|---|",
     ] + lines
 
 
@@ -306,6 +350,7 @@ def build_report(out, k=K, plots=True):
     tests = paired_tests(results, out, k, cache)
     against_eisam = paired_tests(results, out, k, cache, reference="eisam")
     curves = decile_curves(results, out, k, cache)
+    noise = seed_noise(results, out, k, cache)
     plot_dir = os.path.join(out, "plots")
     if plots:
         os.makedirs(plot_dir, exist_ok=True)
@@ -328,6 +373,10 @@ def build_report(out, k=K, plots=True):
         "dropped; 'tail' = test users whose target is a tail item of the training split. "
         "Per-seed p-values are in the appendix. Pooling counts each user once per seed, so "
         "pairs are not fully independent: read the p-values as indicative;",
+        "- Δ ... [95% CI]: the mean per-user difference to ERM of the same model and seeds, with a "
+        "paired bootstrap 95% interval over users (each user's difference averaged over the seeds "
+        f"both ran, users resampled {BOOTSTRAP} times); TailMRR is the tail users' mean reciprocal rank of "
+        "the target among all items (no cut-off), so it sees movement below rank 10;",
         "- head / tail: the ceil(head_ratio × |I|) most frequent training items are the head.",
         "",
     ]
@@ -343,6 +392,11 @@ def build_report(out, k=K, plots=True):
 
     for dataset, model in main_models:
         lines += [f"## {model} on {dataset}", "", model_table(summary, tests, dataset, model), ""]
+        seeds = sorted(results[(results["dataset"] == dataset) & (results["model"] == model)]["seed"].unique())
+        if (dataset, model) in noise:
+            entry = noise[(dataset, model)]
+            source = f"ERM's seeds {entry['seeds'][0]} and {entry['seeds'][1]}"
+            lines += resolution_lines(entry, [1, 3, 5, 10, len(seeds)], source) + [""]
         bars = bar_lines(summary, dataset, model)
         if bars:
             lines += ["Against the bar of issue 5:", ""] + bars + [""]

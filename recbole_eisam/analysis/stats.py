@@ -22,6 +22,7 @@ METRICS = (
     ("headndcg@10", "HeadNDCG@10"),
     ("tailndcg@10", "TailNDCG@10"),
     ("tailhit@10", "TailHit@10"),
+    ("tailmrr", "TailMRR"),
     ("tailcoverage@10", "TailCov@10"),
     ("giniindex@10", "Gini@10"),
 )
@@ -34,6 +35,8 @@ LONGTAIL_BASELINES = names("baseline")
 ABLATIONS = names("ablation")
 METHOD_ORDER = tuple(METHODS)
 WILCOXON_ARGS = {"zero_method": "wilcox", "alternative": "two-sided"}
+#: bootstrap resamples of the confidence intervals, and their level
+BOOTSTRAP, LEVEL = 2000, 0.95
 
 
 # --------------------------------------------------------------------------- numbers
@@ -110,6 +113,33 @@ def wilcoxon_p(differences):
     return float(stats.wilcoxon(diff, **WILCOXON_ARGS).pvalue), nonzero
 
 
+def bootstrap_ci(values, n_boot=BOOTSTRAP, level=LEVEL, seed=0):
+    """Percentile bootstrap interval of the mean of ``values`` (its entries resampled with
+    replacement, ``n_boot`` times, from a fixed seed); ``(nan, nan)`` without values."""
+    v = np.asarray(values, dtype=np.float64)
+    v = v[~np.isnan(v)]
+    n = len(v)
+    if n == 0:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    means = np.empty(n_boot)
+    chunk = max(1, 4_000_000 // n)  # resamples per block, to bound the index matrix
+    for start in range(0, n_boot, chunk):
+        size = min(chunk, n_boot - start)
+        means[start : start + size] = v[rng.integers(0, n, size=(size, n))].mean(axis=1)
+    lo, hi = np.percentile(means, [50 * (1 - level), 50 * (1 + level)])
+    return float(lo), float(hi)
+
+
+def minimum_detectable_difference(sd, n, alpha=0.05, power=0.8):
+    """The smallest true mean difference a two-sided test at ``alpha`` finds with probability
+    ``power``, for ``n`` independent units whose differences have standard deviation ``sd``
+    (normal approximation: ``(z_{1-alpha/2} + z_power) * sd / sqrt(n)``)."""
+    if n <= 0 or not np.isfinite(sd):
+        return float("nan")
+    return float((stats.norm.ppf(1 - alpha / 2) + stats.norm.ppf(power)) * sd / math.sqrt(n))
+
+
 def _resolve(out, path):
     if not isinstance(path, str) or not path:
         return None
@@ -145,15 +175,17 @@ class _Cache:
 
 
 def paired_tests(results, out, k=K, cache=None, reference=BASELINE):
-    """Wilcoxon p-values of every other method vs ``reference`` (ERM unless told) of the
-    same model and seed.
+    """Every other method against ``reference`` (ERM unless told), same model and seed.
 
-    Returns a DataFrame indexed by (dataset, model, method) with ``p_all``, ``p_tail``
-    (users x seeds pooled), ``n_all``, ``n_tail`` (pooled pairs), ``nonzero_all``,
-    ``nonzero_tail``, ``mean_diff_all``, ``mean_diff_tail`` (method - reference, per-user
-    NDCG@k) and ``per_seed`` (``{seed: (p_all, p_tail)}``). Seeds whose top-K files are
-    missing, or that the reference did not run, are skipped; a method with no usable seed
-    gets nan.
+    Per method: the Wilcoxon p-values on per-user NDCG@k, users x seeds pooled (``p_all``,
+    ``p_tail``, ``n_*``, ``nonzero_*``), the mean differences (method - reference,
+    ``mean_diff_all`` / ``mean_diff_tail``), and their paired bootstrap 95% intervals over
+    *users* (``ci_all``, ``ci_tail``: each user's difference averaged over the seeds both
+    ran, users resampled; ``users_all``, ``users_tail``). Where the top-K files hold the full
+    rank, the same for the tail users' reciprocal rank (``mean_diff_tail_rr``,
+    ``ci_tail_rr``, ``p_tail_rr``). ``per_seed``: ``{seed: (p_all, p_tail)}``. Seeds whose
+    top-K files are missing, or that the reference did not run, are skipped; a method with
+    no usable seed gets nan.
     """
     cache = cache or _Cache(out, k)
     rows = []
@@ -162,41 +194,97 @@ def paired_tests(results, out, k=K, cache=None, reference=BASELINE):
         for method, sub in group.groupby("method", sort=False):
             if method == reference:
                 continue
-            all_diff, tail_diff, per_seed = [], [], {}
+            frames, per_seed = [], {}
             for _, row in sub.sort_values("seed").iterrows():
                 seed = int(row["seed"])
-                if seed not in ref:
+                mine = cache.topk(row) if seed in ref else None
+                base = cache.topk(ref[seed]) if mine is not None else None
+                if base is None:
                     continue
-                mine, base = cache.topk(row), cache.topk(ref[seed])
-                if mine is None or base is None:
-                    continue
-                merged = paired_rows(mine, base)
-                diff = (merged["ndcg_a"] - merged["ndcg_b"]).to_numpy()
-                all_diff.append(diff)
-                p_tail = float("nan")
-                if "target_is_head_a" in merged:  # head / tail known from the item statistics
-                    tail = diff[~merged["target_is_head_a"].to_numpy(dtype=bool)]
-                    tail_diff.append(tail)
-                    p_tail = wilcoxon_p(tail)[0]
-                per_seed[seed] = (wilcoxon_p(diff)[0], p_tail)
+                frame = _paired_frame(paired_rows(mine, base))
+                frames.append(frame)
+                tail = frame[frame["tail"]]
+                p_tail = wilcoxon_p(tail["ndcg"])[0] if frame["tail_known"].all() else float("nan")
+                per_seed[seed] = (wilcoxon_p(frame["ndcg"])[0], p_tail)
             entry = {"dataset": dataset, "model": model, "method": method, "per_seed": per_seed}
-            for name, diffs in (("all", all_diff), ("tail", tail_diff)):
-                if diffs:
-                    pooled = np.concatenate(diffs)
-                    p, nonzero = wilcoxon_p(pooled)
-                    entry.update({
-                        f"p_{name}": p,
-                        f"n_{name}": len(pooled),
-                        f"nonzero_{name}": nonzero,
-                        f"mean_diff_{name}": float(pooled.mean()) if len(pooled) else float("nan"),
-                    })
-                else:
-                    entry.update({f"p_{name}": float("nan"), f"n_{name}": 0,
-                                  f"nonzero_{name}": 0, f"mean_diff_{name}": float("nan")})
+            entry.update(_differences(pd.concat(frames, ignore_index=True) if frames else None))
             rows.append(entry)
     if not rows:
         return pd.DataFrame(columns=["dataset", "model", "method"]).set_index(["dataset", "model", "method"])
     return pd.DataFrame(rows).set_index(["dataset", "model", "method"])
+
+
+def _paired_frame(merged):
+    """Per row of two paired top-K frames: the user, NDCG@k and reciprocal-rank differences
+    (a - b), and whether the target is a tail item."""
+    frame = pd.DataFrame({"user": merged["user_id"].to_numpy(), "ndcg": (merged["ndcg_a"] - merged["ndcg_b"]).to_numpy()})
+    frame["rr"] = (merged["rr_a"] - merged["rr_b"]).to_numpy() if "rr_a" in merged else np.nan
+    frame["tail_known"] = "target_is_head_a" in merged
+    frame["tail"] = ~merged["target_is_head_a"].to_numpy(dtype=bool) if "target_is_head_a" in merged else False
+    return frame
+
+
+def _differences(pooled):
+    """Wilcoxon (users x seeds pooled) and bootstrap intervals (over users) of paired differences."""
+    out = {}
+    known = pooled is not None and bool(pooled["tail_known"].all())
+    for name, part in (("all", pooled), ("tail", pooled[pooled["tail"]] if known else None)):
+        if part is None or part.empty:
+            out.update({f"p_{name}": float("nan"), f"n_{name}": 0, f"nonzero_{name}": 0,
+                        f"mean_diff_{name}": float("nan"), f"ci_{name}": (float("nan"), float("nan")),
+                        f"users_{name}": 0})
+            continue
+        p, nonzero = wilcoxon_p(part["ndcg"])
+        per_user = part.groupby("user")["ndcg"].mean()
+        out.update({f"p_{name}": p, f"n_{name}": len(part), f"nonzero_{name}": nonzero,
+                    f"mean_diff_{name}": float(part["ndcg"].mean()), f"ci_{name}": bootstrap_ci(per_user),
+                    f"users_{name}": len(per_user)})
+    tail = pooled[pooled["tail"]] if known else None
+    if tail is not None and not tail.empty and tail["rr"].notna().all():
+        out.update({"mean_diff_tail_rr": float(tail["rr"].mean()), "p_tail_rr": wilcoxon_p(tail["rr"])[0],
+                    "ci_tail_rr": bootstrap_ci(tail.groupby("user")["rr"].mean())})
+    else:
+        out.update({"mean_diff_tail_rr": float("nan"), "p_tail_rr": float("nan"),
+                    "ci_tail_rr": (float("nan"), float("nan"))})
+    return out
+
+
+def noise_between(fa, fb):
+    """Seed noise from two runs that differ only in their seed (two top-K frames, annotated
+    with the item statistics): the number of users, the per-user SD of their NDCG@k
+    differences (all and tail users) and of the tail's reciprocal-rank differences, and run
+    ``fa``'s means of the same measures."""
+    frame = _paired_frame(paired_rows(fa, fb))
+    tail = frame[frame["tail"]]
+    entry = {"users": {"all": len(frame), "tail": len(tail)}, "sd": {}, "mean": {}}
+    entry["sd"]["ndcg_all"] = float(frame["ndcg"].std(ddof=1))
+    entry["sd"]["ndcg_tail"] = float(tail["ndcg"].std(ddof=1)) if len(tail) > 1 else float("nan")
+    entry["sd"]["rr_tail"] = float(tail["rr"].std(ddof=1)) if len(tail) > 1 else float("nan")
+    entry["mean"]["ndcg_all"] = float(fa["ndcg"].mean())
+    tail_a = fa[~fa["target_is_head"].to_numpy(dtype=bool)] if "target_is_head" in fa else fa.iloc[:0]
+    entry["mean"]["ndcg_tail"] = float(tail_a["ndcg"].mean()) if len(tail_a) else float("nan")
+    entry["mean"]["rr_tail"] = float(tail_a["rr"].mean()) if len(tail_a) and "rr" in tail_a else float("nan")
+    return entry
+
+
+def seed_noise(results, out, k=K, cache=None, reference=BASELINE):
+    """What the grid can resolve, from two seeds of ``reference`` (ERM): per (dataset, model),
+    the standard deviation of the per-user differences between its first two seeds (pure
+    seed-to-seed noise) for NDCG@k (all and tail users) and the tail's reciprocal rank, and
+    the number of users. ``{(dataset, model): {"seeds": (a, b), "users": {...}, "sd": {...},
+    "mean": {...}}}``; models with fewer than two reference seeds are left out."""
+    cache = cache or _Cache(out, k)
+    noise = {}
+    for (dataset, model), group in results.groupby(["dataset", "model"], sort=False):
+        ref = group[group["method"] == reference].sort_values("seed")
+        frames = [(int(r["seed"]), cache.topk(r)) for _, r in ref.iterrows()]
+        frames = [(s, f) for s, f in frames if f is not None]
+        if len(frames) < 2:
+            continue
+        (a, fa), (b, fb) = frames[:2]
+        entry = dict(noise_between(fa, fb), seeds=(a, b))
+        noise[(dataset, model)] = entry
+    return noise
 
 
 def decile_curves(results, out, k=K, cache=None, bins=10):
