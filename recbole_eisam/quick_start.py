@@ -238,6 +238,8 @@ def run(
         "best_valid_result": {key: _json_number(v) for key, v in best_valid_result.items()},
         "test_result": {key: _json_number(v) for key, v in test_result.items()},
     }
+    if isinstance(trainer, EISAMTrainer):  # when validation peaked, how long training ran
+        result.update(trainer.training_summary())
     if result_file:
         os.makedirs(os.path.dirname(os.path.abspath(result_file)), exist_ok=True)
         with open(result_file, "w") as f:

@@ -28,6 +28,11 @@ def test_sasrec_end_to_end_and_topk_file_recomputes_metrics(tiny_config_dict, tm
                  "tailcoverage@10", "itemcoverage@10", "giniindex@10", "averagepopularity@10", "tailmrr", "headmrr"]:
         assert test[name] is not None and math.isfinite(test[name]), name
     assert json.loads((tmp_path / "result.json").read_text())["test_result"] == test
+    curve = result["valid_curve"]  # every validation, and when it peaked
+    assert [epoch for epoch, _ in curve] == list(range(result["epochs_trained"]))
+    best = max(score for _, score in curve)
+    assert result["best_epoch"] == max(epoch for epoch, score in curve if score == best)
+    assert round(best, 4) == round(result["best_valid_score"], 4)
 
     # recompute Hit@10 and TailHit@10 from the TSV alone, with the head set of the training split
     with open(topk_path) as f:

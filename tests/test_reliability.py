@@ -146,6 +146,7 @@ def test_signal_then_resume_is_identical_to_an_uninterrupted_run(tiny_config_dic
     test_result_c = trainer_c.evaluate(test_c, load_best_model=True)
     assert test_result_c == test_result_a
     assert trainer_c.epoch_stats["samples"] == trainer_a.epoch_stats["samples"]
+    assert trainer_c.training_summary() == trainer_a.training_summary()  # the validation curve survives
     assert trainer_c.optimizer.param_groups[0]["lr"] == trainer_a.optimizer.param_groups[0]["lr"]
 
 

@@ -324,3 +324,14 @@ def test_bootstrap_interval_covers_the_mean_at_the_normal_width():
     assert lo < values.mean() < hi
     assert (hi - lo) / 2 == pytest.approx(1.96 * values.std(ddof=1) / np.sqrt(len(values)), rel=0.1)
     assert numbers.bootstrap_ci(values) == (lo, hi)  # a fixed seed: the same interval every time
+
+
+def test_convergence_marks_runs_cut_off_by_the_epoch_cap():
+    frame = pd.DataFrame({
+        "model": ["M", "M", "M"], "method": ["erm", "erm", "eisam"], "seed": [2, 1, 1],
+        "best_epoch": [9, 3, 4], "epochs_trained": [10, 9, 10], "max_epochs": [10, 10, 50],
+        "wall_seconds": [10.0, 20.0, 30.0],
+    })
+    lines = report.convergence_lines(frame)
+    assert "| M | erm | 3/9, 9/10* | 15.0 | 2 |" in lines  # seed 2 peaked at its last allowed epoch
+    assert "| M | eisam | 4/10 | 30.0 | 1 |" in lines  # stopped early: 5 epochs without a better score

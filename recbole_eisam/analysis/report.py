@@ -337,6 +337,32 @@ def machine_lines(results):
     return lines
 
 
+def convergence_lines(results):
+    """Per model and method: the epoch where validation peaked and how long each run trained
+    (seeds in order), and the mean wall time; a run whose validation peaked at the last epoch
+    it was allowed is marked: it was cut off, not converged."""
+    has_epochs = "best_epoch" in results.columns
+    lines = ["## Convergence and wall time", "",
+             "Best validation epoch / epochs trained per seed (0-based; * = peaked at the last allowed "
+             "epoch: cut off before it converged):" if has_epochs else "Epochs were not recorded in results.csv.",
+             "", "| model | method | best epoch / trained | mean s / run | runs |", "|---|---|---|---|---|"]
+    for (model, method), sub in results.groupby(["model", "method"], sort=False):
+        secs = pd.to_numeric(sub["wall_seconds"], errors="coerce")
+        epochs = ""
+        if has_epochs:
+            cells = []
+            for _, row in sub.sort_values("seed").iterrows():
+                best, trained, cap = (pd.to_numeric(row.get(k), errors="coerce") for k in
+                                      ("best_epoch", "epochs_trained", "max_epochs"))
+                if pd.isna(best) or pd.isna(trained):
+                    continue
+                cut = not pd.isna(cap) and best == trained - 1 and trained >= cap
+                cells.append(f"{int(best)}/{int(trained)}{'*' if cut else ''}")
+            epochs = ", ".join(cells)
+        lines.append(f"| {model} | {method} | {epochs} | {_fmt(secs.mean(), 1)} | {len(sub)} |")
+    return lines + [""]
+
+
 # --------------------------------------------------------------------------- report
 def _slug(text):
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in str(text))
@@ -447,11 +473,7 @@ def build_report(out, k=K, plots=True):
     if appendix:
         lines += ["## Appendix: paired tests per seed", ""] + appendix + [""]
     if "wall_seconds" in results:
-        lines += ["## Wall time", "", "| model | method | mean s / run | runs |", "|---|---|---|---|"]
-        for (model, method), sub in results.groupby(["model", "method"], sort=False):
-            secs = pd.to_numeric(sub["wall_seconds"], errors="coerce")
-            lines.append(f"| {model} | {method} | {_fmt(secs.mean(), 1)} | {len(sub)} |")
-        lines.append("")
+        lines += convergence_lines(results)
 
     path = os.path.join(out, "REPORT.md")
     with open(path, "w") as f:

@@ -81,6 +81,10 @@ def make_row(spec, result, wall_seconds, topk_file, item_stats_file, valid_metri
     for key, value in (result.get("best_valid_result") or {}).items():
         row[f"valid_{key}"] = _cell(value)
     row.update({
+        "best_epoch": _cell(result.get("best_epoch")),
+        "epochs_trained": _cell(result.get("epochs_trained")),
+        "max_epochs": _cell(result.get("max_epochs")),
+        "valid_curve": json.dumps(result.get("valid_curve") or []),
         "wall_seconds": round(wall_seconds, 2),
         "topk_file": topk_file,
         "item_stats_file": item_stats_file,

@@ -92,6 +92,7 @@ class EISAMTrainer(ResumeMixin, DistributedMixin, CheckpointMixin, Trainer):
             )
         self.item_weight = self.loss_weight = self.log_prior = self.item_count = None
         self.epoch_stats = {}
+        self.valid_curve = []  # [epoch, valid score] of every validation (training_summary)
         # learning-rate schedule over all optimizer steps of the run (known once fit() sees the data)
         self.total_steps = None
         self.scheduler = None
@@ -262,6 +263,23 @@ class EISAMTrainer(ResumeMixin, DistributedMixin, CheckpointMixin, Trainer):
         }
         self._log_epoch_stats(epoch_idx)
         return totals["loss"]
+
+    def _valid_epoch(self, valid_data, show_progress=False):
+        """RecBole's validation, remembered in :attr:`valid_curve` as ``[epoch, valid score]``."""
+        score, result = super()._valid_epoch(valid_data, show_progress=show_progress)
+        self.valid_curve.append([self._epoch_idx, float(score)])
+        return score, result
+
+    def training_summary(self):
+        """``{"valid_curve": [[epoch, score], ...], "best_epoch": ..., "epochs_trained": ...}``: when
+        validation peaked (the last of equal bests, the checkpoint RecBole's early stopping
+        keeps) and how long training ran, so a report can tell a converged run from one cut off
+        by ``epochs``."""
+        curve = self.valid_curve
+        best = max(reversed(curve), key=lambda point: point[1])[0] if curve else None
+        trained = (self._epoch_idx + 1) if self._epoch_idx is not None else 0
+        return {"valid_curve": [list(point) for point in curve], "best_epoch": best, "epochs_trained": trained,
+                "max_epochs": self.epochs}
 
     def _micro_batch_groups(self, batches):
         """The micro-batches of each optimizer step (``gradient_accumulation_steps`` of them, on

@@ -122,6 +122,7 @@ class ResumeMixin:
             "best_model_file": self.saved_model_file,
             "totals": totals or {},
             "perturbed": perturbed,
+            "valid_curve": self.valid_curve,
             "signal": name,
             "world_size": 1 if self.config["single_spec"] else dist.get_world_size(),
         }
@@ -188,6 +189,7 @@ class ResumeMixin:
         if state.get("scheduler") is not None and getattr(self, "scheduler", None) is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         self.best_valid_result = state["best_valid_result"]
+        self.valid_curve = [list(point) for point in state.get("valid_curve", [])]
         self.saved_model_file = ckpt.paths(state["best_model_file"])[0]
         self.start_epoch = self.epochs if state["finished"] else state["epoch"]
         where = "training had finished" if state["finished"] else f"epoch {state['epoch']}, after step {state['step']}"
