@@ -7,8 +7,8 @@
 The i-th file of ``--a`` is paired with the i-th of ``--b`` (the same seed, so the same
 test rows); the per-user NDCG@k differences are pooled over the pairs and tested with the
 report's two-sided Wilcoxon signed-rank test, with the report's paired bootstrap 95%
-interval over users, for all test users and, given the training split's item statistics,
-for the users whose target is a tail item (and their reciprocal rank, where the files hold
+interval (over the pairs of files and the users), for all test users and, given the
+training split's item statistics, for the users whose target is a tail item (and their reciprocal rank, where the files hold
 the full rank). It also prints each side's mean NDCG@k by popularity decile of the target,
 as the report's decile table does. Top-K files come from ``--save_topk`` or the benchmark's
 ``runs/`` folders.
@@ -48,13 +48,13 @@ def compare(files_a, files_b, item_stats=None, k=K, bins=10):
             f"--a has {len(files_a)} top-K file(s) and --b {len(files_b)}: give one of each per seed."
         )
     frames, frames_a, frames_b, first_pair = [], [], [], None
-    for path_a, path_b in zip(files_a, files_b):
+    for pair, (path_a, path_b) in enumerate(zip(files_a, files_b)):
         a, b = read_topk(path_a, k), read_topk(path_b, k)
         if item_stats is not None:
             a, b = annotate_targets(a, item_stats, bins), annotate_targets(b, item_stats, bins)
             frames_a.append(a)
             frames_b.append(b)
-        frames.append(_paired_frame(paired_rows(a, b)))
+        frames.append(_paired_frame(paired_rows(a, b), seed=pair))
         first_pair = first_pair or (a, b)
     differences = _differences(pd.concat(frames, ignore_index=True))
     keys = ["n_all", "mean_diff_all", "p_all", "ci_all"]
@@ -77,7 +77,7 @@ def report_lines(result, k=K, seeds=None):
     lines = [
         f"pairs of top-K files: {result['pairs']}",
         f"all users: n={result['n_all']}, mean NDCG@{k} a - b = {_ci(result['mean_diff_all'], result['ci_all'], 5)} "
-        f"(95% CI over users), Wilcoxon p = {_fmt_p(result['p_all'])}",
+        f"(95% CI over file pairs and users), Wilcoxon p = {_fmt_p(result['p_all'])}",
     ]
     if "p_tail" in result:
         lines.append(

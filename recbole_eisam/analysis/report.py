@@ -273,7 +273,7 @@ def head_to_head_lines(against_eisam, dataset, model, k=K):
     return [
         "EISAM against each other method, paired on the same users and seed (EISAM - other "
         f"method, per-user NDCG@{k} and the tail's reciprocal rank; 95% paired bootstrap "
-        "intervals over users; Wilcoxon on users x seeds pooled):",
+        "intervals over seeds and users; Wilcoxon on users x seeds pooled):",
         "",
         f"| method | Δ NDCG@{k} (all) [95% CI] | p (all) | Δ NDCG@{k} (tail users) [95% CI] | p (tail) | "
         "Δ MRR (tail users) [95% CI] | seeds |",
@@ -356,7 +356,7 @@ def convergence_lines(results):
                                       ("best_epoch", "epochs_trained", "max_epochs"))
                 if pd.isna(best) or pd.isna(trained):
                     continue
-                cut = not pd.isna(cap) and best == trained - 1 and trained >= cap
+                cut = not pd.isna(cap) and cap > 1 and best == trained - 1 and trained >= cap  # 1: one pass (Pop)
                 cells.append(f"{int(best)}/{int(trained)}{'*' if cut else ''}")
             epochs = ", ".join(cells)
         lines.append(f"| {model} | {method} | {epochs} | {_fmt(secs.mean(), 1)} | {len(sub)} |")
@@ -400,8 +400,9 @@ def build_report(out, k=K, plots=True):
         "Per-seed p-values are in the appendix. Pooling counts each user once per seed, so "
         "pairs are not fully independent: read the p-values as indicative;",
         "- Δ ... [95% CI]: the mean per-user difference to ERM of the same model and seeds, with a "
-        "paired bootstrap 95% interval over users (each user's difference averaged over the seeds "
-        f"both ran, users resampled {BOOTSTRAP} times); TailMRR is the tail users' mean reciprocal rank of "
+        "paired bootstrap 95% interval that resamples the seeds both ran and, within each, the users "
+        f"({BOOTSTRAP} resamples), so it holds the run-to-run variation of training as well as the choice "
+        "of users (with one seed: users only); TailMRR is the tail users' mean reciprocal rank of "
         "the target among all items (no cut-off), so it sees movement below rank 10;",
         "- head / tail: the ceil(head_ratio × |I|) most frequent training items are the head.",
         "",

@@ -113,21 +113,44 @@ def wilcoxon_p(differences):
     return float(stats.wilcoxon(diff, **WILCOXON_ARGS).pvalue), nonzero
 
 
+def _resample_means(v, count, rng):
+    """Means of ``count`` resamples (with replacement) of ``v``, in blocks that bound memory."""
+    n, out = len(v), np.empty(count)
+    chunk = max(1, 4_000_000 // n)
+    for start in range(0, count, chunk):
+        size = min(chunk, count - start)
+        out[start : start + size] = v[rng.integers(0, n, size=(size, n))].mean(axis=1)
+    return out
+
+
 def bootstrap_ci(values, n_boot=BOOTSTRAP, level=LEVEL, seed=0):
     """Percentile bootstrap interval of the mean of ``values`` (its entries resampled with
     replacement, ``n_boot`` times, from a fixed seed); ``(nan, nan)`` without values."""
     v = np.asarray(values, dtype=np.float64)
     v = v[~np.isnan(v)]
-    n = len(v)
-    if n == 0:
+    if len(v) == 0:
         return float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    means = np.empty(n_boot)
-    chunk = max(1, 4_000_000 // n)  # resamples per block, to bound the index matrix
-    for start in range(0, n_boot, chunk):
-        size = min(chunk, n_boot - start)
-        means[start : start + size] = v[rng.integers(0, n, size=(size, n))].mean(axis=1)
+    means = _resample_means(v, n_boot, np.random.default_rng(seed))
     lo, hi = np.percentile(means, [50 * (1 - level), 50 * (1 + level)])
+    return float(lo), float(hi)
+
+
+def seeds_and_users_ci(groups, n_boot=BOOTSTRAP, level=LEVEL, seed=0):
+    """Two-level bootstrap interval of a mean over seeds and users: each resample draws the
+    seeds with replacement, then the users within every drawn seed, so the interval holds
+    the run-to-run variation of training as well as the choice of users. ``groups``: one
+    array of per-user values per seed. With one seed it is :func:`bootstrap_ci`."""
+    groups = [np.asarray(g, dtype=np.float64) for g in groups]
+    groups = [g[~np.isnan(g)] for g in groups if len(g)]
+    if len(groups) <= 1:
+        return bootstrap_ci(groups[0] if groups else [], n_boot, level, seed)
+    rng = np.random.default_rng(seed)
+    slots = len(groups)
+    # for every seed, an independent user resample for every (replicate, slot)
+    means = np.stack([_resample_means(g, n_boot * slots, rng).reshape(n_boot, slots) for g in groups])
+    pick = rng.integers(0, slots, size=(n_boot, slots))  # which seed fills each slot
+    replicates = means[pick, np.arange(n_boot)[:, None], np.arange(slots)[None, :]].mean(axis=1)
+    lo, hi = np.percentile(replicates, [50 * (1 - level), 50 * (1 + level)])
     return float(lo), float(hi)
 
 
@@ -201,7 +224,7 @@ def paired_tests(results, out, k=K, cache=None, reference=BASELINE):
                 base = cache.topk(ref[seed]) if mine is not None else None
                 if base is None:
                     continue
-                frame = _paired_frame(paired_rows(mine, base))
+                frame = _paired_frame(paired_rows(mine, base), seed)
                 frames.append(frame)
                 tail = frame[frame["tail"]]
                 p_tail = wilcoxon_p(tail["ndcg"])[0] if frame["tail_known"].all() else float("nan")
@@ -214,18 +237,24 @@ def paired_tests(results, out, k=K, cache=None, reference=BASELINE):
     return pd.DataFrame(rows).set_index(["dataset", "model", "method"])
 
 
-def _paired_frame(merged):
-    """Per row of two paired top-K frames: the user, NDCG@k and reciprocal-rank differences
-    (a - b), and whether the target is a tail item."""
-    frame = pd.DataFrame({"user": merged["user_id"].to_numpy(), "ndcg": (merged["ndcg_a"] - merged["ndcg_b"]).to_numpy()})
+def _paired_frame(merged, seed=0):
+    """Per row of two paired top-K frames of one seed: the user, NDCG@k and reciprocal-rank
+    differences (a - b), and whether the target is a tail item."""
+    frame = pd.DataFrame({"user": merged["user_id"].to_numpy(), "ndcg": (merged["ndcg_a"] - merged["ndcg_b"]).to_numpy(),
+                          "seed": seed})
     frame["rr"] = (merged["rr_a"] - merged["rr_b"]).to_numpy() if "rr_a" in merged else np.nan
     frame["tail_known"] = "target_is_head_a" in merged
     frame["tail"] = ~merged["target_is_head_a"].to_numpy(dtype=bool) if "target_is_head_a" in merged else False
     return frame
 
 
+def _interval(part, column):
+    """The 95% interval of the mean of ``column``: seeds and users resampled (one group per seed)."""
+    return seeds_and_users_ci([group[column].to_numpy() for _, group in part.groupby("seed", sort=True)])
+
+
 def _differences(pooled):
-    """Wilcoxon (users x seeds pooled) and bootstrap intervals (over users) of paired differences."""
+    """Wilcoxon (users x seeds pooled) and bootstrap intervals (over seeds and users) of paired differences."""
     out = {}
     known = pooled is not None and bool(pooled["tail_known"].all())
     for name, part in (("all", pooled), ("tail", pooled[pooled["tail"]] if known else None)):
@@ -235,14 +264,13 @@ def _differences(pooled):
                         f"users_{name}": 0})
             continue
         p, nonzero = wilcoxon_p(part["ndcg"])
-        per_user = part.groupby("user")["ndcg"].mean()
         out.update({f"p_{name}": p, f"n_{name}": len(part), f"nonzero_{name}": nonzero,
-                    f"mean_diff_{name}": float(part["ndcg"].mean()), f"ci_{name}": bootstrap_ci(per_user),
-                    f"users_{name}": len(per_user)})
+                    f"mean_diff_{name}": float(part["ndcg"].mean()), f"ci_{name}": _interval(part, "ndcg"),
+                    f"users_{name}": part["user"].nunique()})
     tail = pooled[pooled["tail"]] if known else None
     if tail is not None and not tail.empty and tail["rr"].notna().all():
         out.update({"mean_diff_tail_rr": float(tail["rr"].mean()), "p_tail_rr": wilcoxon_p(tail["rr"])[0],
-                    "ci_tail_rr": bootstrap_ci(tail.groupby("user")["rr"].mean())})
+                    "ci_tail_rr": _interval(tail, "rr")})
     else:
         out.update({"mean_diff_tail_rr": float("nan"), "p_tail_rr": float("nan"),
                     "ci_tail_rr": (float("nan"), float("nan"))})

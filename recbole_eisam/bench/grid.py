@@ -23,7 +23,7 @@ DEFAULT_GRID = os.path.join(GRID_DIR, "default.yaml")
 
 #: keys that change where things are written or how much is printed, not the run itself:
 #: they are left out of the signature
-VOLATILE_KEYS = ("checkpoint_dir", "show_progress", "state", "log_wandb", "gpu_id", "use_gpu", "device")
+VOLATILE_KEYS = ("checkpoint_dir", "llm_cache_dir", "show_progress", "state", "log_wandb", "gpu_id", "use_gpu", "device")
 #: keys the benchmark owns: a preset or the seed list sets them
 RESERVED_KEYS = ("seed", "train_method")
 

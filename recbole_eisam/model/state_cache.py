@@ -88,12 +88,15 @@ class PromptStateCache:
         lengths = (missing > 0).sum(dim=1)
         order = torch.argsort(lengths, descending=True)  # similar lengths together: less padding
         starts = range(0, missing.size(0), self.batch_size)
-        if self.show_progress:
+        quiet = what == "new"  # a scoring batch's new windows: say it once, at the write (flush)
+        if self.show_progress and not quiet:
             starts = tqdm(starts, desc=f"Encoding {what} prompts", total=len(starts))
         for s in starts:
             batch = missing[order[s : s + self.batch_size]]
             self._add(batch, self.encode(batch))
         seconds = time.time() - start
+        if quiet:
+            return
         self._log(
             f"{missing.size(0)} {what} prompt states encoded by the frozen LLM in {seconds:.1f} s "
             f"({missing.size(0) / max(seconds, 1e-9):.1f} prompts/s); the cache holds {len(self)} "
