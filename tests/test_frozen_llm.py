@@ -70,3 +70,29 @@ def test_second_build_reads_the_cache_instead_of_encoding(frozen_config, monkeyp
 def test_frozen_with_id_tokens_is_one_sentence(frozen_config):
     with pytest.raises(ValueError, match="llm_frozen=True .* set item_id_tokens: False"):
         build(dict(frozen_config, item_id_tokens=True))
+
+
+def test_a_stopped_build_resumes_from_what_it_wrote(frozen_config, monkeypatch):
+    """The cache writes during a long build: a build stopped after two batches keeps their
+    states, and the next build encodes only the rest."""
+    from recbole_eisam.model import llmrec, state_cache
+
+    monkeypatch.setattr(state_cache.PromptStateCache, "FLUSH_SECONDS", -1)  # write after every batch
+    original = llmrec.LLMRec._frozen_states
+    encoded = []
+
+    def stop_after_two(self, windows):
+        if len(encoded) == 2:
+            raise KeyboardInterrupt
+        encoded.append(len(windows))
+        return original(self, windows)
+
+    config = dict(frozen_config, item_encode_batch_size=64)
+    monkeypatch.setattr(llmrec.LLMRec, "_frozen_states", stop_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        build(config)
+    assert encoded == [64, 64]
+    encoded.clear()
+    monkeypatch.setattr(llmrec.LLMRec, "_frozen_states", lambda self, w: encoded.append(len(w)) or original(self, w))
+    model, _, _ = build(config)
+    assert sum(encoded) == len(model.state_cache) - 128  # the first two batches came from the disk

@@ -3,8 +3,9 @@
 With ``llm_frozen: True`` LLMRec's user state depends only on the prompt, and the prompt only
 on the user's last ``max_history_items`` items (the *window*). :class:`PromptStateCache`
 maps each window to the frozen model's pooled state: the training windows are encoded when
-the model is built (timed and logged), any other window (validation, test) the first time it
-is asked for; everything is written to ``<llm_cache_dir>/prompt_states_<key>.safetensors``,
+the model is built (timed and logged; a long build writes what it has every 10 minutes, so
+a stopped one resumes), any other window (validation, test) the first time it is asked for;
+everything is written to ``<llm_cache_dir>/prompt_states_<key>.safetensors``,
 whose key covers everything the states depend on (model file, depth, dtype, dataset, prompt
 templates, pooling), so a later run reads them instead of running the LLM.
 """
@@ -31,6 +32,9 @@ class PromptStateCache:
         batch_size (int): windows per batch when encoding.
         logger: where the build time and size are reported.
     """
+
+    #: a long build writes what it has at least this often, so that a stopped build loses little
+    FLUSH_SECONDS = 600
 
     def __init__(self, folder, key_parts, encode, batch_size=128, logger=None, show_progress=False):
         self.path = os.path.join(folder, f"prompt_states_{cache_key(key_parts)}.safetensors")
@@ -91,9 +95,13 @@ class PromptStateCache:
         quiet = what == "new"  # a scoring batch's new windows: say it once, at the write (flush)
         if self.show_progress and not quiet:
             starts = tqdm(starts, desc=f"Encoding {what} prompts", total=len(starts))
+        last_write = time.time()
         for s in starts:
             batch = missing[order[s : s + self.batch_size]]
             self._add(batch, self.encode(batch))
+            if not quiet and time.time() - last_write > self.FLUSH_SECONDS:  # a stopped build resumes from here
+                self.flush()
+                last_write = time.time()
         seconds = time.time() - start
         if quiet:
             return
