@@ -30,7 +30,7 @@ from recbole.utils import get_model
 from recbole_eisam.cli import USER_ERRORS
 from recbole_eisam.errors import EISAMError
 from recbole_eisam.model.item_text import check_item_text_fields
-from recbole_eisam.model.llm_backbone import resolve_dtype, resolve_model_source
+from recbole_eisam.model.llm_backbone import quantization_config, resolve_dtype, resolve_model_source
 from recbole_eisam.model.llmrec import LLMRec
 from recbole_eisam.registry import trainer_class
 from recbole_eisam.trainer.settings import NUMBER_KEYS, resolve_settings
@@ -89,8 +89,10 @@ def _is_llmrec(config):
 
 def _check_llm_files(config):
     """LLMRec's backbone files exist (and the ``gguf`` package for a GGUF file); no loading."""
-    resolve_model_source(_value(config, "llm_path"), _value(config, "llm_gguf_file"))
-    resolve_dtype(_value(config, "llm_dtype"), _value(config, "device") or "cpu")
+    _, gguf_file = resolve_model_source(_value(config, "llm_path"), _value(config, "llm_gguf_file"))
+    device = _value(config, "device") or "cpu"
+    resolve_dtype(_value(config, "llm_dtype"), device)
+    quantization_config(_value(config, "llm_quantization"), device, gguf_file)
 
 
 def check_yaml_file(path):

@@ -200,6 +200,8 @@ def test_debug_shows_the_traceback(tiny_data, tmp_path):
         ("--nproc=0", ["nproc", "integer >= 1", "got 0"]),
         ("--nproc=-2", ["nproc", "integer >= 1", "got -2"]),
         ("--nproc=two", ["nproc", "integer >= 1", "'two'"]),
+        ("--model=LLMRec --llm_quantization=4bit", ["llm_quantization=4bit", "CUDA GPU", "llm_quantization: none"]),
+        ("--model=LLMRec --llm_quantization=2bit", ["llm_quantization must be one of none, 8bit, 4bit", "'2bit'"]),
     ],
 )
 def test_bad_values_are_refused_before_loading_data(override, needles, tmp_path, capsys):
@@ -279,3 +281,21 @@ def test_command_line_values_are_literals_never_code():
     assert convert_value("'\\n{item}'") == "\n{item}"  # a quoted string stays a string, never YAML
     assert convert_value("9**9**9") == "9**9**9"  # an expression stays text: nothing runs
     assert convert_value("__import__('os').getcwd()") == "__import__('os').getcwd()"
+
+
+def test_quantization_needs_cuda_bitsandbytes_and_a_model_folder(monkeypatch):
+    import torch
+
+    from recbole_eisam.model.llm_backbone import quantization_config
+
+    assert quantization_config("none", "cpu") is None
+    with pytest.raises(ValueError, match="needs a CUDA GPU, but this run's device is cpu"):
+        quantization_config("8bit", "cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU machine without bitsandbytes
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    with pytest.raises(ValueError, match=r'bitsandbytes package: pip install "recbole-eisam\[gpu\]"'):
+        quantization_config("4bit", "cuda")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "bitsandbytes" else real(name, *a))
+    with pytest.raises(ValueError, match="'m.gguf' is a GGUF file"):
+        quantization_config("4bit", "cuda", gguf_file="m.gguf")

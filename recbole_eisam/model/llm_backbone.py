@@ -189,6 +189,40 @@ def keep_first_layers(model, num_layers):
     return k
 
 
+QUANTIZATIONS = ("none", "8bit", "4bit")
+
+
+def quantization_config(quantization, device, gguf_file=None):
+    """bitsandbytes' config for ``llm_quantization`` (``none``: ``None``): 8-bit weights, or
+    4-bit NF4 with bf16 compute and double quantisation (QLoRA's recipe). One sentence when it
+    cannot run: no CUDA device, no bitsandbytes, or a GGUF file (already quantised)."""
+    name = str(quantization or "none").lower()
+    if name not in QUANTIZATIONS:
+        raise ValueError(f"llm_quantization must be one of {', '.join(QUANTIZATIONS)}, got {quantization!r}.")
+    if name == "none":
+        return None
+    if torch.device(device).type != "cuda" or not torch.cuda.is_available():
+        raise ValueError(
+            f"llm_quantization={name} loads the LLM through bitsandbytes, which needs a CUDA GPU, but this "
+            f"run's device is {device}: set llm_quantization: none."
+        )
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ValueError(
+            f"llm_quantization={name} needs the bitsandbytes package: pip install \"recbole-eisam[gpu]\"."
+        )
+    if gguf_file is not None:
+        raise ValueError(
+            f"llm_quantization={name} quantises a Hugging Face model's weights, but {gguf_file!r} is a GGUF "
+            "file: give a model folder or hub id, or set llm_quantization: none."
+        )
+    from transformers import BitsAndBytesConfig
+
+    if name == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
+                              bnb_4bit_use_double_quant=True)
+
+
 def load_backbone(
     llm_path=None,
     gguf_file=None,
@@ -202,6 +236,7 @@ def load_backbone(
     lora_alpha=16,
     lora_dropout=0.05,
     lora_target_modules=("q_proj", "v_proj"),
+    quantization="none",
 ):
     """Load the frozen base transformer, cut it, and add LoRA adapters.
 
@@ -220,9 +255,16 @@ def load_backbone(
     tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
     if attn_implementation:
         kwargs["attn_implementation"] = str(attn_implementation)
+    quantized = quantization_config(quantization, device, gguf_file)
+    if quantized is not None:  # bitsandbytes places the weights on the GPU as it loads them
+        kwargs.update(quantization_config=quantized, device_map={"": torch.device(device).index or 0})
     model = AutoModel.from_pretrained(folder, dtype=torch_dtype, **kwargs)
     kept = keep_first_layers(model, num_layers)
     model.requires_grad_(False)
+    if quantized is not None:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=bool(gradient_checkpointing))
     if getattr(model.config, "use_cache", None) is not None:
         model.config.use_cache = False
     if gradient_checkpointing:

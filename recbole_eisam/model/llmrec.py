@@ -117,6 +117,7 @@ class LLMRec(SequentialRecommender):
             lora_alpha=float(config["lora_alpha"]),
             lora_dropout=float(config["lora_dropout"]),
             lora_target_modules=config["lora_target_modules"],
+            quantization=config["llm_quantization"],
         )
         self.hidden_size = self.backbone_info["hidden_size"]
 
