@@ -12,10 +12,12 @@ SIGINT (Ctrl-C) or SIGTERM during training writes ``<checkpoint>-resume.safetens
 after the current step and exits with 128 + the signal number; ``--resume`` with the same
 other options continues exactly where it stopped. ``--nproc=N`` trains with N processes
 (RecBole's distributed mode: gloo on CPU, NCCL on GPUs; ``--world_size``, ``--ip``,
-``--port`` and ``--offset`` for several machines).
+``--port`` and ``--offset`` for several machines); ``torchrun --nproc_per_node=N
+run_recbole_eisam.py ...`` trains the same way, each process joining torchrun's group.
 """
 
 import json
+import os
 import sys
 
 from recbole_eisam.cli import build_parser, config_files_option, main_guard, parse_overrides
@@ -39,7 +41,8 @@ def main(argv):
         save_topk=args.save_topk,
         resume=args.resume,
     )
-    print(json.dumps({"best_valid_result": result["best_valid_result"], "test_result": result["test_result"]}, indent=2))
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 reports
+        print(json.dumps({"best_valid_result": result["best_valid_result"], "test_result": result["test_result"]}, indent=2))
     return 0
 
 

@@ -105,9 +105,8 @@ def init_device(self):  # replaces Config._init_device
     use_cuda = bool(cfg.get("use_gpu", True)) and len(gpu_id) > 0 and torch.cuda.is_available()
     backend = cfg.get("dist_backend") or ("nccl" if use_cuda else "gloo")
     if not dist.is_initialized():
-        dist.init_process_group(
-            backend=backend, rank=rank, world_size=cfg["world_size"], init_method=f"tcp://{cfg['ip']}:{cfg['port']}"
-        )
+        init_method = cfg.get("dist_init_method") or f"tcp://{cfg['ip']}:{cfg['port']}"  # env:// under torchrun
+        dist.init_process_group(backend=backend, rank=rank, world_size=cfg["world_size"], init_method=init_method)
     if use_cuda:
         cfg["device"] = torch.device("cuda", local_rank)
         torch.cuda.set_device(local_rank)

@@ -192,6 +192,11 @@ def run(
         dict: ``{"best_valid_result": {...}, "test_result": {...}, "best_valid_score": float,
         "config": {...}}``, metrics keyed by RecBole's names (``ndcg@10``, ``tailndcg@10``...).
     """
+    launched = torchrun_settings()
+    if launched:  # this process is one rank of a group torchrun started: join it, spawn nothing
+        if save_topk:
+            raise EISAMError("save_topk needs one process: evaluate the checkpoint again without torchrun.")
+        config_dict = dict(config_dict or {}, **launched)
     config = load_config(model, dataset, config_file_list, config_dict)
     validate_config(config)  # bad values and malformed files: one sentence, before any loading
     nproc = int(nproc or config["nproc"] or 1)
@@ -240,7 +245,7 @@ def run(
     }
     if isinstance(trainer, EISAMTrainer):  # when validation peaked, how long training ran
         result.update(trainer.training_summary())
-    if result_file:
+    if result_file and (config["single_spec"] or dist.get_rank() == 0):
         os.makedirs(os.path.dirname(os.path.abspath(result_file)), exist_ok=True)
         with open(result_file, "w") as f:
             json.dump(result, f, indent=2)
@@ -250,6 +255,22 @@ def run(
 
 
 # ---------------------------------------------------------------------------- processes
+def torchrun_settings():
+    """The distributed keys of a process that ``torchrun`` started (its environment rendezvous:
+    ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR``,
+    ``MASTER_PORT``), or ``{}`` outside torchrun or in a group of one."""
+    env = os.environ
+    if "LOCAL_RANK" not in env or int(env.get("WORLD_SIZE", "1")) <= 1:
+        return {}
+    rank, local_rank = int(env["RANK"]), int(env["LOCAL_RANK"])
+    return {
+        "local_rank": local_rank, "offset": rank - local_rank, "world_size": int(env["WORLD_SIZE"]),
+        "nproc": int(env.get("LOCAL_WORLD_SIZE", env["WORLD_SIZE"])), "ip": env.get("MASTER_ADDR", "127.0.0.1"),
+        "port": str(env.get("MASTER_PORT", "29500")), "dist_init_method": "env://",
+    }
+
+
+
 def _free_port():
     import socket
 

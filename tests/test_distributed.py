@@ -121,3 +121,55 @@ def test_quick_start_with_two_processes(tmp_path):
         assert json.load(f)["test_result"] == result["test_result"]
     saved = sorted(os.listdir(os.path.join(tmp, "saved")))
     assert len(saved) == 3 and [name.split(".", 1)[1] for name in saved] == ["json", "optim.safetensors", "safetensors"]
+
+
+def test_torchrun_trains_like_nproc(tmp_path):
+    """``torchrun --nproc_per_node=2 run_recbole_eisam.py ...`` (environment rendezvous): the
+    same metrics as ``--nproc=2``, rank 0 alone writing the result file."""
+    import subprocess
+    import sys
+
+    from recbole_eisam.quick_start import run
+
+    tmp = str(tmp_path)
+    data_path = write_tiny_dataset(os.path.join(tmp, "data"))
+    cfg = config_dict(data_path, tmp, epochs=1)
+    spawned = run("SASRec", "tiny", config_dict=dict(cfg), nproc=2)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    args = [f"--{k}={v!r}" if isinstance(v, (list, dict, str)) else f"--{k}={v}" for k, v in cfg.items()]
+    out = os.path.join(tmp, "torchrun.json")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+         os.path.join(root, "run_recbole_eisam.py"), "--model=SASRec", "--dataset=tiny", f"--result_file={out}", *args],
+        capture_output=True, text=True, cwd=tmp, timeout=600, env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(out) as f:
+        launched = json.load(f)
+    assert launched["test_result"] == spawned["test_result"]
+    assert launched["best_valid_result"] == spawned["best_valid_result"]
+    assert proc.stdout.count('"test_result"') == 1  # rank 0 alone prints
+
+
+def name_worker(rank, data_path, tmp, port):
+    import recbole.trainer.trainer as recbole_trainer
+
+    torch.set_num_threads(1)
+    if rank == 1:  # this process builds its trainer a second later than rank 0
+        recbole_trainer.get_local_time = lambda: "Dec-03-2026_20-23-17"
+    trainer, _, _ = build(config_dict(data_path, tmp, local_rank=rank, world_size=2, nproc=2,
+                                      ip="127.0.0.1", port=str(port)))
+    with open(os.path.join(tmp, f"name{rank}.txt"), "w") as f:
+        f.write(trainer.saved_model_file)
+    torch.distributed.destroy_process_group()
+
+
+def test_every_process_uses_rank_0s_checkpoint_name(tmp_path):
+    """RecBole names a checkpoint after the clock; a process that starts later must still load
+    the file rank 0 writes."""
+    tmp = str(tmp_path)
+    data_path = write_tiny_dataset(os.path.join(tmp, "data"))
+    mp.spawn(name_worker, args=(data_path, tmp, free_port()), nprocs=2, join=True)
+    names = [open(os.path.join(tmp, f"name{rank}.txt")).read() for rank in (0, 1)]
+    assert names[0] == names[1] and names[0].endswith(".safetensors")

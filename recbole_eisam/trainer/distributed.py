@@ -16,6 +16,18 @@ class DistributedMixin:
     #: per-row resources of RecBole's collector, gathered over processes by :meth:`evaluate`
     ROW_KEYS = ("rec.topk", "rec.meanrank", "rec.score", "rec.items", "data.label", "rec.gt_items", "rec.target_rank")
 
+    def same_on_every_process(self, text, size=4096):
+        """Rank 0's ``text`` on every process: RecBole names the checkpoint after the clock, and
+        processes that built their trainers in different seconds would look for different files."""
+        if self.config["single_spec"]:
+            return text
+        data = torch.zeros(size, dtype=torch.uint8, device=self.device)
+        if dist.get_rank() == 0:
+            encoded = text.encode("utf-8")[:size]
+            data[: len(encoded)] = torch.tensor(list(encoded), dtype=torch.uint8, device=self.device)
+        dist.broadcast(data, src=0)
+        return bytes(data.cpu().tolist()).rstrip(b"\0").decode("utf-8")
+
     def is_main_process(self):
         return self.config["single_spec"] or dist.get_rank() == 0
 
