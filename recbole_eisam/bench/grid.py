@@ -11,6 +11,7 @@ import json
 import os
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import yaml
 
@@ -167,10 +168,12 @@ class RunSpec:
     stage: str  # "tune" or "final"
     tuned_on: int = None
 
-    @property
+    @cached_property
     def signature(self):
         """Includes the package's own YAML layers of this model and dataset: a changed
-        default (say properties/model/LLMRec.yaml) is a different run, never resumed."""
+        default (say properties/model/LLMRec.yaml) is a different run, never resumed.
+        Computed once: a file edited while the grid runs cannot give one run two names
+        (its files under one signature, its results row under another)."""
         return signature(self.overrides, defaults.default_config_files(self.model, self.dataset) + list(self.config_files))
 
     @property
