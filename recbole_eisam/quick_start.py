@@ -61,7 +61,7 @@ def load_config(model, dataset, config_file_list=None, config_dict=None):
         except ValueError as err:
             if "is not the name of an existing model" in str(err):
                 raise EISAMError(
-                    f"Model '{model}' is neither a RecBole model nor one of recbole_eisam's (LLMRec)."
+                    f"Model '{model}' is neither a RecBole model nor one of recbole_eisam's (LLMRec, LLMRecGen)."
                 ) from None
             raise
         except TypeError as err:  # RecBole's checks of value types (e.g. topk)
@@ -169,7 +169,7 @@ def run(
     """Train ``model`` on ``dataset``, pick the best epoch on validation, evaluate it on test.
 
     Args:
-        model (str): a RecBole model name (``SASRec``, ``GRU4Rec``, ``Pop``...) or ``LLMRec``.
+        model (str): a RecBole model name (``SASRec``, ``GRU4Rec``, ``Pop``...) or ``LLMRec`` / ``LLMRecGen``.
         dataset (str): a RecBole dataset name (``ml-100k`` works offline).
         config_file_list (list[str], optional): user YAML files, loaded after the defaults.
         config_dict (dict, optional): overrides of any key, applied last.

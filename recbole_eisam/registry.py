@@ -3,7 +3,8 @@
 After :func:`register` (run by ``import recbole_eisam``), plain RecBole calls find this
 package's parts:
 
-* ``recbole.utils.get_model("LLMRec")`` returns :class:`recbole_eisam.model.LLMRec`;
+* ``recbole.utils.get_model("LLMRec")`` returns :class:`recbole_eisam.model.LLMRec` (and
+  ``"LLMRecGen"`` :class:`recbole_eisam.model.LLMRecGen`);
 * ``recbole.utils.get_trainer(ModelType.SEQUENTIAL, "LLMRec")`` returns
   :class:`recbole_eisam.trainer.EISAMTrainer` (also reachable as ``recbole.trainer.EISAMTrainer``);
 * ``HeadHit``, ``TailHit``, ``HeadNDCG``, ``TailNDCG`` and ``TailCoverage`` are accepted in a
@@ -27,7 +28,7 @@ from recbole.utils import get_trainer
 from recbole_eisam import patches
 from recbole_eisam.errors import EISAMError
 from recbole_eisam.evaluator import TAIL_METRICS, TailCollector
-from recbole_eisam.model import llmrec
+from recbole_eisam.model import llmrec, llmrec_gen
 from recbole_eisam.trainer import EISAMTrainer
 
 _registered = False
@@ -40,10 +41,12 @@ def register():
 
     # models: get_model() imports recbole.model.<family>.<name.lower()> and reads <name>
     sys.modules["recbole.model.sequential_recommender.llmrec"] = llmrec
+    sys.modules["recbole.model.sequential_recommender.llmrecgen"] = llmrec_gen
 
     # trainers: get_trainer() looks up recbole.trainer.<Model>Trainer first
     recbole.trainer.EISAMTrainer = EISAMTrainer
     recbole.trainer.LLMRecTrainer = EISAMTrainer
+    recbole.trainer.LLMRecGenTrainer = EISAMTrainer
 
     # metrics: the evaluator and Config read these three dicts
     for metric in TAIL_METRICS:

@@ -31,7 +31,7 @@ from recbole_eisam.cli import USER_ERRORS
 from recbole_eisam.errors import EISAMError
 from recbole_eisam.model.item_text import check_item_text_fields
 from recbole_eisam.model.llm_backbone import quantization_config, resolve_dtype, resolve_model_source
-from recbole_eisam.model.llmrec import LLMRec
+from recbole_eisam.model import LLMRec, LLMRecGen
 from recbole_eisam.registry import trainer_class
 from recbole_eisam.trainer.settings import NUMBER_KEYS, resolve_settings
 from recbole_eisam.utils.longtail import num_head_items
@@ -84,11 +84,11 @@ def _model_class(config):
 
 def _is_llmrec(config):
     cls = _model_class(config)
-    return isinstance(cls, type) and issubclass(cls, LLMRec)
+    return isinstance(cls, type) and issubclass(cls, (LLMRec, LLMRecGen))
 
 
 def _check_llm_files(config):
-    """LLMRec's backbone files exist (and the ``gguf`` package for a GGUF file); no loading."""
+    """LLMRec's (and LLMRecGen's) backbone files exist (and the ``gguf`` package for a GGUF file); no loading."""
     _, gguf_file = resolve_model_source(_value(config, "llm_path"), _value(config, "llm_gguf_file"))
     device = _value(config, "device") or "cpu"
     resolve_dtype(_value(config, "llm_dtype"), device)

@@ -45,4 +45,4 @@ def test_constant_has_no_scheduler(tiny_config_dict):
 
 def test_models_on_recboles_plain_loop_keep_a_constant_rate(tiny_config_dict):
     trainer, *_ = build(tiny_config_dict, model_name="Pop", lr_scheduler="linear", lr_warmup_steps=5)
-    assert trainer.logits_fn is None and trainer.scheduler is None  # a warm-up nothing would step
+    assert trainer.losses_fn is None and trainer.scheduler is None  # a warm-up nothing would step

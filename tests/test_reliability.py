@@ -41,15 +41,15 @@ def test_nan_loss_stops_naming_epoch_and_step_and_keeps_last_good_checkpoint(tin
     trainer, train_data, valid_data, test_data = build(
         tiny_config_dict, train_method="eisam", epochs=3, stopping_step=10
     )
-    logits_fn = trainer.logits_fn
+    losses_fn = trainer.losses_fn
 
-    def poisoned(interaction):  # nan logits at the third step of the second epoch (epoch 1)
-        out = logits_fn(interaction)
+    def poisoned(interaction, log_prior=None, tau=0.0):  # nan losses at the third step of the second epoch
+        out = losses_fn(interaction, log_prior, tau)
         if trainer._epoch_idx == 1 and trainer._epoch_step == 3:
             return (out[0] * float("nan"),) + tuple(out[1:])
         return out
 
-    trainer.logits_fn = poisoned
+    trainer.losses_fn = poisoned
     saved = []
     with pytest.raises(NonFiniteLossError) as info:
         trainer.fit(train_data, valid_data, saved=True, callback_fn=lambda e, s: saved.append(digest(trainer.saved_model_file)))

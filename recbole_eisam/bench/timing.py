@@ -143,7 +143,7 @@ def make_trainer(config, model, train_dataset, overrides):
     finally:
         for key, value in saved.items():
             config[key] = value
-    if getattr(trainer, "logits_fn", None) is None:
+    if getattr(trainer, "losses_fn", None) is None:
         close_trainer(trainer)
         raise EISAMError(
             f"Model '{config['model']}' gives no per-sample losses, so the EISAM trainer "

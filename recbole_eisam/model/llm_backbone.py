@@ -237,15 +237,20 @@ def load_backbone(
     lora_dropout=0.05,
     lora_target_modules=("q_proj", "v_proj"),
     quantization="none",
+    causal_lm=False,
 ):
     """Load the frozen base transformer, cut it, and add LoRA adapters.
+
+    ``causal_lm`` loads the model with its language-model head (``AutoModelForCausalLM``), for
+    a model that writes tokens (:class:`~recbole_eisam.model.llmrec_gen.LLMRecGen`); the head
+    stays frozen like the rest of the base weights.
 
     Returns:
         tuple: ``(model, tokenizer, info)``; ``model`` is a PEFT model when ``lora_r > 0``
         (else the frozen base model), ``info`` a dict with ``folder``, ``gguf_file``,
         ``fingerprint``, ``num_layers``, ``hidden_size`` and ``dtype``.
     """
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     folder, gguf_file = resolve_model_source(llm_path, gguf_file)
     torch_dtype = resolve_dtype(dtype, device)
@@ -258,7 +263,8 @@ def load_backbone(
     quantized = quantization_config(quantization, device, gguf_file)
     if quantized is not None:  # bitsandbytes places the weights on the GPU as it loads them
         kwargs.update(quantization_config=quantized, device_map={"": torch.device(device).index or 0})
-    model = AutoModel.from_pretrained(folder, dtype=torch_dtype, **kwargs)
+    loader = AutoModelForCausalLM if causal_lm else AutoModel
+    model = loader.from_pretrained(folder, dtype=torch_dtype, **kwargs)
     kept = keep_first_layers(model, num_layers)
     model.requires_grad_(False)
     if quantized is not None:

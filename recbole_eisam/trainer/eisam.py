@@ -22,7 +22,7 @@ from recbole_eisam.errors import NonFiniteLossError
 from recbole_eisam.trainer import checkpoint as ckpt
 from recbole_eisam.trainer.checkpoint import CheckpointMixin
 from recbole_eisam.trainer.distributed import DistributedMixin
-from recbole_eisam.trainer.losses import get_head_split, get_logits_fn, head_split_reason, unsupported_reason
+from recbole_eisam.trainer.losses import get_head_split, get_losses_fn, head_split_reason, unsupported_reason
 from recbole_eisam.trainer.resume import ResumeMixin
 from recbole_eisam.trainer.settings import resolve_settings
 from recbole_eisam.trainer.update import AllScope, HeadScope, eisam_step
@@ -64,17 +64,19 @@ class EISAMTrainer(ResumeMixin, DistributedMixin, CheckpointMixin, Trainer):
         self.train_method, self.rho = s["train_method"], s["eisam_rho"]
         self.eisam_lambda = s["eisam_lambda"]
         self.tau, self.posthoc_tau = s["tau"], s["posthoc_tau"]
+        if hasattr(model, "posthoc_tau"):  # a model that decodes applies the post-hoc adjustment itself
+            model.posthoc_tau = self.posthoc_tau
         self.accumulation = s["gradient_accumulation_steps"]
         self.train_sample_num = s["train_sample_num"]
         self._sampling_logged = False  # the log says once per trainer that epochs are sampled
         self.amp_dtype = getattr(torch, s["amp_dtype"])
-        self.logits_fn = get_logits_fn(self.model)
+        self.losses_fn = get_losses_fn(self.model)  # (interaction, log_prior, tau) -> (l_j, target, extra)
         reason = unsupported_reason(self.model)
         if s["per_sample"] and reason is not None:
             raise ValueError(f"train_method={self.train_method} needs per-sample losses, but {reason}.")
         # eisam_scope: head -> HeadScope whenever there is a perturbation (lambda > 0)
         self.head_split = None
-        if s["eisam_scope"] == "head" and self.logits_fn is not None:
+        if s["eisam_scope"] == "head" and self.losses_fn is not None:
             split_reason = head_split_reason(self.model)
             if split_reason is None:
                 self.head_split = get_head_split(self.model)
@@ -164,7 +166,7 @@ class EISAMTrainer(ResumeMixin, DistributedMixin, CheckpointMixin, Trainer):
         self.setup_item_weights(train_data.dataset)
         if self.scheduler is not None:
             self.total_steps = self.epochs * self.steps_per_epoch(train_data)
-        if self.logits_fn is not None and verbose:
+        if self.losses_fn is not None and verbose:
             self.logger.info(
                 set_color("EISAM", "green") + f": train_method={self.train_method}, "
                 f"base_loss={self.settings['base_loss']}, weight={self.settings['eisam_weight']} "
@@ -226,7 +228,7 @@ class EISAMTrainer(ResumeMixin, DistributedMixin, CheckpointMixin, Trainer):
 
     def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
         resume = self._begin_epoch(train_data, epoch_idx)
-        if self.logits_fn is None or loss_func is not None:  # plain ERM: RecBole's own loop
+        if self.losses_fn is None or loss_func is not None:  # plain ERM: RecBole's own loop
             return super()._train_epoch(train_data, epoch_idx, loss_func, show_progress)
         if self.item_weight is None:
             self.setup_item_weights(train_data.dataset)
@@ -315,7 +317,8 @@ class EISAMTrainer(ResumeMixin, DistributedMixin, CheckpointMixin, Trainer):
         BPR...) with their training items. Right for data without repeat consumption
         (MovieLens ratings); set it to False where users consume an item again."""
         interaction, scores, positive_u, positive_i = super()._full_sort_batch_eval(batched_data)
-        scores = self._adjust_posthoc(scores)
+        if not hasattr(self.model, "posthoc_tau"):  # else the model adjusts as it decodes (LLMRecGen)
+            scores = self._adjust_posthoc(scores)
         seq_field = self.config["ITEM_ID_FIELD"] + self.config["LIST_SUFFIX"]
         if self.config["eval_mask_history"] and seq_field in interaction:
             seq = interaction[seq_field].to(scores.device)

@@ -13,6 +13,14 @@ The trainer turns logits into losses with :func:`per_sample_losses`
 (``F.cross_entropy(logits + tau * log_prior, target, reduction="none")`` on the
 logit-adjusted base loss, Menon et al. 2021; plain cross-entropy otherwise).
 
+A model that scores items by something other than one logit per item (a model that writes the
+next item's tokens, :class:`~recbole_eisam.model.LLMRecGen`) gives the losses themselves::
+
+    model.calculate_sample_losses(interaction, tau=0.0) -> (losses FloatTensor[M], target LongTensor[M])
+
+with ``tau`` the train-time logit adjustment's strength, which the model applies in its own
+form. :func:`get_losses_fn` gives the trainer one function for both protocols.
+
 RecBole's own CE sequential models do not define ``calculate_logits``; :data:`ADAPTERS`
 maps their class names to functions ``fn(model, interaction)`` with the same contract,
 each a line-for-line copy of the model's ``calculate_loss`` CE branch (a test checks that
@@ -130,7 +138,7 @@ __doc__ += (
 def unsupported_reason(model):
     """``None`` if ``model`` gives per-sample CE losses, else one sentence saying why not."""
     name = type(model).__name__
-    if hasattr(model, "calculate_logits"):
+    if hasattr(model, "calculate_logits") or hasattr(model, "calculate_sample_losses"):
         return None
     if name in ADAPTERS:
         loss_type = getattr(model, "loss_type", "CE")
@@ -146,13 +154,34 @@ def unsupported_reason(model):
 
 
 def get_logits_fn(model):
-    """``fn(interaction) -> (logits, target[, extra])`` for ``model``, or ``None`` if unsupported."""
-    if unsupported_reason(model) is not None:
+    """``fn(interaction) -> (logits, target[, extra])`` for ``model``, or ``None`` if unsupported
+    (or if the model gives its losses through ``calculate_sample_losses`` instead)."""
+    if unsupported_reason(model) is not None or not (hasattr(model, "calculate_logits") or type(model).__name__ in ADAPTERS):
         return None
     if hasattr(model, "calculate_logits"):
         return model.calculate_logits
     adapter = ADAPTERS[type(model).__name__]
     return lambda interaction: adapter(model, interaction)
+
+
+def get_losses_fn(model):
+    """``fn(interaction, log_prior, tau) -> (l [M], target [M], extra or None)`` for ``model``, or
+    ``None`` if it gives no per-sample losses."""
+    if hasattr(model, "calculate_sample_losses"):
+        def from_model(interaction, log_prior=None, tau=0.0):
+            out = model.calculate_sample_losses(interaction, tau=tau)
+            return out[0], out[1], (out[2] if len(out) > 2 else None)
+
+        return from_model
+    logits_fn = get_logits_fn(model)
+    if logits_fn is None:
+        return None
+
+    def from_logits(interaction, log_prior=None, tau=0.0):
+        out = logits_fn(interaction)
+        return per_sample_losses(out[0], out[1], log_prior, tau), out[1], (out[2] if len(out) > 2 else None)
+
+    return from_logits
 
 
 def per_sample_losses(logits, target, log_prior=None, tau=0.0):

@@ -92,6 +92,12 @@ def loss_vector(trainer, logits, target):
     method says so) and the target item's sharpness weight."""
     with trainer.autocast():
         loss = per_sample_losses(logits, target, trainer.log_prior, trainer.tau)
+    return weighted(trainer, loss, target)
+
+
+def weighted(trainer, loss, target):
+    """``(l_j, w_j)``: the re-weighting's loss weight applied where the method has one, and the
+    target item's sharpness weight."""
     if trainer.loss_weight is not None:
         loss = loss * trainer.loss_weight[target].to(loss.dtype)
     return loss, trainer.item_weight[target].to(loss.dtype)
@@ -141,9 +147,9 @@ class AllScope:
 
     def losses(self, batch):
         with self.trainer.autocast():
-            out = self.trainer.logits_fn(batch)
-        loss, w = loss_vector(self.trainer, out[0], out[1])
-        return loss, w, (out[2] if len(out) > 2 else None)
+            loss, target, extra = self.trainer.losses_fn(batch, self.trainer.log_prior, self.trainer.tau)
+        loss, w = weighted(self.trainer, loss, target)
+        return loss, w, extra
 
     def first_pass(self, batch, lam, g_w, scaler):
         mask = torch_rng_state(self.trainer.device)
