@@ -86,3 +86,21 @@ def test_bad_options_are_one_line_errors(tiny_config_dict, capsys):
     argv = ["--model=SASRec", "--dataset=tiny", "--methods=erm,nope"] + _argv(tiny_config_dict)
     assert main_guard(main, argv) == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_llmrecgen_speed_counts_prompt_and_target_tokens_and_refuses_head_scope(tiny_config_dict, capsys, tmp_path):
+    from test_llmrec_gen import save_tiny_causal_llama
+
+    llm = save_tiny_causal_llama(tmp_path / "tiny_causal_llama")
+    config = tiny_llm_config(tiny_config_dict, llm, tmp_path / "llm_cache", gen_end_token="\n", num_beams=10)
+    for key in ("item_prompt_template", "projection_size", "head_dropout"):  # LLMRec's keys
+        config.pop(key)
+    argv = ["--model=LLMRecGen", "--dataset=tiny", "--steps=2", "--warmup=1", "--threads=1"]
+    assert main(argv + _argv(config)) == 0
+    result, table = _last_json(capsys)
+    seconds = result["seconds_per_step"]
+    assert all(seconds[m] > 0 for m in ("erm", "sam", "eisam"))
+    assert seconds["eisam_head"] is None or not math.isfinite(seconds["eisam_head"])
+    assert "eisam_scope=head" in result["errors"]["eisam_head"]
+    assert result["tokens_per_step"] > 0 and all(result["tokens_per_s"][m] > 0 for m in ("erm", "sam", "eisam"))
+    assert result["eval_users"] > 0 and result["eval_users_per_s"] > 0

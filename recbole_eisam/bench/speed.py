@@ -30,7 +30,8 @@ Reported, per method:
 
 * ``seconds_per_step``: the median over all timed steps (all rounds); ``ratio_to_erm``.
 * ``tokens_per_s`` (models with ``build_prompts``, i.e. LLMRec): real (non-padding) prompt
-  tokens of the training batches per second of training, each prompt counted once per step.
+  tokens of the training batches per second of training, each prompt counted once per step;
+  for LLMRecGen the prompt and the target title it is trained to write.
 * Memory, on CPU: ``peak_memory_bytes`` is the peak RSS while the method ran (the kernel's
   high-water mark, reset before each method through ``/proc/self/clear_refs``),
   ``peak_memory_delta_bytes`` that peak minus the RSS just before the method's first step
@@ -112,7 +113,12 @@ def perturbation_state_bytes(settings, params):
 
 
 def _prompt_tokens(model, group):
-    """``(real, padded)`` prompt tokens of one step's batches, or ``None`` without prompts."""
+    """``(real, padded)`` prompt tokens of one step's batches, or ``None`` without prompts
+    (a model that writes its targets counts them too: ``training_tokens``)."""
+    if hasattr(model, "training_tokens"):
+        with torch.no_grad():
+            counts = [model.training_tokens(interaction) for interaction in group]
+        return sum(c[0] for c in counts), sum(c[1] for c in counts)
     if not hasattr(model, "build_prompts"):
         return None
     real = padded = 0

@@ -184,17 +184,27 @@ class LLMRecGen(SequentialRecommender):
         bias = None if head.bias is None else head.bias[self.vocab_ids]
         return F.linear(hidden, head.weight[self.vocab_ids], bias)
 
+    def teacher_forcing_inputs(self, interaction, items):
+        """``(input_ids, attention_mask, is_target)`` ``[B, L]``: each prompt followed by the
+        target tokens of ``items``, right-padded; ``is_target`` marks the target's tokens."""
+        input_ids, attention_mask, _ = self.prompt_builder(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
+        tgt = self.target_ids[items]  # [B, T]
+        tmask = torch.arange(tgt.size(1), device=tgt.device).unsqueeze(0) < self.target_len[items].unsqueeze(1)
+        masks = [attention_mask.bool(), tmask]
+        ids, mask, _ = it.pack_right([input_ids, tgt], masks)
+        marks, _, _ = it.pack_right([torch.zeros_like(input_ids), torch.ones_like(tgt)], masks)
+        return ids, mask, marks
+
+    def training_tokens(self, interaction):
+        """``(real, padded)`` tokens of a training batch's teacher-forced inputs (for bench.speed)."""
+        _, mask, _ = self.teacher_forcing_inputs(interaction, interaction[self.POS_ITEM_ID])
+        return int(mask.sum()), int(mask.numel())
+
     def _teacher_forced(self, interaction, items):
         """Hidden states predicting each target token: ``(hidden [N, H], labels [N], row [N],
         k [N])`` with ``labels`` indices of the output vocabulary and ``k`` the token's index
         within its title."""
-        input_ids, attention_mask, _ = self.prompt_builder(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
-        tgt = self.target_ids[items]  # [B, T]
-        tmask = torch.arange(tgt.size(1), device=tgt.device).unsqueeze(0) < self.target_len[items].unsqueeze(1)
-        pieces = [input_ids, tgt]
-        masks = [attention_mask.bool(), tmask]
-        ids, mask, _ = it.pack_right(pieces, masks)
-        marks, _, _ = it.pack_right([torch.zeros_like(input_ids), torch.ones_like(tgt)], masks)
+        ids, mask, marks = self.teacher_forcing_inputs(interaction, items)
         decoder, _ = self._decoder_and_head()
         hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state  # [B, L, H]
         is_label = marks[:, 1:].bool() & mask[:, 1:].bool()  # token p+1 is a target token
