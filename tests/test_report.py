@@ -346,3 +346,15 @@ def test_interval_over_seeds_and_users_holds_the_run_to_run_variation():
     assert lo < np.mean(shifted) < hi
     assert hi - lo > 3 * (pooled_hi - pooled_lo)  # the seeds' spread, not only the users'
     assert numbers.seeds_and_users_ci([users]) == numbers.bootstrap_ci(users)  # one seed: users only
+
+
+def test_tables_print_each_models_method_table_with_wall_time(bench, capsys):
+    out, _ = bench
+    assert report.main(["--out", out, "--tables"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("M on toy:") and "Pop on toy" not in printed  # reference models stay in REPORT.md
+    header = next(line for line in printed.splitlines() if line.startswith("| method"))
+    assert header.split(" | ")[-2:] == ["s / run", "seeds |"]
+    eisam = next(line for line in printed.splitlines() if line.startswith("| **eisam**"))
+    assert eisam.split(" | ")[-2:] == ["1", "3 |"]  # mean wall time of the three runs
+    assert not os.path.exists(os.path.join(out, "REPORT.md"))

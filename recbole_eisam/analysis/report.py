@@ -161,13 +161,18 @@ def _ci(value, ci, digits=4):
     return f"{value:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]"
 
 
-def model_table(summary, tests, dataset, model, metrics=METRICS):
+def model_table(summary, tests, dataset, model, metrics=METRICS, results=None):
     """Markdown table of one model: metrics (mean ± std (Δ vs ERM)), the differences to ERM
-    with their 95% intervals, p-values, seeds."""
+    with their 95% intervals, p-values, the mean wall time of a run (with ``results``), seeds."""
     part = summary.xs((dataset, model), level=("dataset", "model"))
     methods = sorted(part.index, key=method_sort_key)
+    seconds = {}
+    if results is not None and "wall_seconds" in results:
+        rows = results[(results["dataset"] == dataset) & (results["model"] == model)]
+        seconds = pd.to_numeric(rows["wall_seconds"], errors="coerce").groupby(rows["method"]).mean().to_dict()
     header = ["method"] + [name for _, name in metrics] + [
-        "Δ NDCG@10 vs ERM [95% CI]", "Δ TailNDCG@10 [95% CI]", "Δ TailMRR [95% CI]", "p (all)", "p (tail)", "seeds"]
+        "Δ NDCG@10 vs ERM [95% CI]", "Δ TailNDCG@10 [95% CI]", "Δ TailMRR [95% CI]", "p (all)", "p (tail)"] + (
+        ["s / run"] if seconds else []) + ["seeds"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for method in methods:
         row = part.loc[method]
@@ -180,6 +185,8 @@ def model_table(summary, tests, dataset, model, metrics=METRICS):
                       _fmt_p(test["p_all"]), _fmt_p(test["p_tail"])]
         else:
             cells += [""] * 5
+        if seconds:
+            cells.append(_fmt(seconds.get(method, float("nan")), 0))
         cells.append(str(row["n_seeds"]))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -209,7 +216,7 @@ def resolution_lines(entry, seed_counts, source):
 
 
 def bar_lines(summary, dataset, model):
-    """The paper's bar translated (docs: issue 5), as sentences; empty without ERM and EISAM."""
+    """The acceptance bar (EISAM / ERM TailNDCG@10 >= 1.15x, NDCG@10 >= 0.98x), as sentences; empty without ERM and EISAM."""
     try:
         part = summary.xs((dataset, model), level=("dataset", "model"))
     except KeyError:
@@ -368,6 +375,20 @@ def _slug(text):
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in str(text))
 
 
+def method_tables(out, k=K):
+    """Each model's method table of ``<out>`` (as in REPORT.md), one after the other."""
+    results = load_results(out)
+    cache = _Cache(out, k)
+    summary = summarize(results)
+    tests = paired_tests(results, out, k, cache)
+    blocks = []
+    for dataset, model in summary.index.droplevel("method").unique():
+        if list(summary.xs((dataset, model), level=("dataset", "model")).index) == [BASELINE]:
+            continue
+        blocks.append(f"{model} on {dataset}:\n\n" + model_table(summary, tests, dataset, model, results=results))
+    return "\n\n".join(blocks)
+
+
 def build_report(out, k=K, plots=True):
     """Write ``<out>/REPORT.md`` (and ``<out>/plots/*.png``); returns the report's path."""
     results = load_results(out)
@@ -418,7 +439,7 @@ def build_report(out, k=K, plots=True):
             main_models.append((dataset, model))
 
     for dataset, model in main_models:
-        lines += [f"## {model} on {dataset}", "", model_table(summary, tests, dataset, model), ""]
+        lines += [f"## {model} on {dataset}", "", model_table(summary, tests, dataset, model, results=results), ""]
         seeds = sorted(results[(results["dataset"] == dataset) & (results["model"] == model)]["seed"].unique())
         if (dataset, model) in noise:
             entry = noise[(dataset, model)]
@@ -426,7 +447,7 @@ def build_report(out, k=K, plots=True):
             lines += resolution_lines(entry, [1, 3, 5, 10, len(seeds)], source) + [""]
         bars = bar_lines(summary, dataset, model)
         if bars:
-            lines += ["Against the bar of issue 5:", ""] + bars + [""]
+            lines += ["Against the acceptance bar:", ""] + bars + [""]
             head_to_head = head_to_head_lines(against_eisam, dataset, model, k)
             if head_to_head:
                 lines += head_to_head + [""]
@@ -490,7 +511,12 @@ def main(argv=None):
     parser.add_argument("--k", type=int, default=K, help="cut-off of the per-user NDCG of the tests (default 10)")
     parser.add_argument("--no_plots", action="store_true", help="skip the PNG plots")
     parser.add_argument("--debug", action="store_true", help="show the traceback of errors")
+    parser.add_argument("--tables", action="store_true",
+                        help="print only each model's method table (the one docs/RESULTS.md shows), write nothing")
     args = parser.parse_args(argv)
+    if args.tables:
+        print(method_tables(args.out, k=args.k))
+        return 0
     path = build_report(args.out, k=args.k, plots=not args.no_plots)
     print(f"report written to {path}")
     return 0
