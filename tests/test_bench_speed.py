@@ -41,6 +41,9 @@ def _check_speed(result, steps):
     for method, ratio in result["ratio_to_erm"].items():
         assert ratio == pytest.approx(seconds[method] / seconds["erm"], rel=1e-12)
     assert result["eval_users"] > 0 and result["eval_users_per_s"] > 0
+    for method in METHODS:  # an epoch at the timed pace
+        expected = result["epoch_samples"] / result["samples_per_step"] * seconds[method]
+        assert result["seconds_per_epoch"][method] == pytest.approx(expected)
     params = result["params"]
     assert 0 < params["head"] <= params["trainable"] <= params["total"]
     state = result["perturbation_state_bytes"]

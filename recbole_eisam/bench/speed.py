@@ -28,7 +28,9 @@ runs the warm-up steps and then the timed ones, each timed with ``time.perf_coun
 
 Reported, per method:
 
-* ``seconds_per_step``: the median over all timed steps (all rounds); ``ratio_to_erm``.
+* ``seconds_per_step``: the median over all timed steps (all rounds); ``ratio_to_erm``;
+  ``seconds_per_epoch``: a whole epoch of the training split at that pace (how a grid is
+  sized before it runs).
 * ``tokens_per_s`` (models with ``build_prompts``, i.e. LLMRec): real (non-padding) prompt
   tokens of the training batches per second of training, each prompt counted once per step;
   for LLMRecGen the prompt and the target title it is trained to write.
@@ -276,6 +278,10 @@ def _bench(model_name, dataset_name, config_file_list, config_dict, steps, warmu
         if tokens_per_step is None
         else {m: (tokens_per_step / seconds[m] if _finite(seconds[m]) and seconds[m] > 0 else None) for m in methods},
         "samples_per_s": {m: (samples_per_step / seconds[m] if _finite(seconds[m]) and seconds[m] > 0 else None) for m in methods},
+        "epoch_samples": int(train_data.sample_size),
+        "seconds_per_epoch": {  # a whole epoch of the training split at the timed step's pace
+            m: (train_data.sample_size / samples_per_step * seconds[m] if _finite(seconds[m]) else None) for m in methods
+        },
         "eval_users": eval_users,
         "eval_seconds": eval_seconds,
         "eval_users_per_s": eval_users / eval_seconds if eval_seconds else None,
@@ -338,6 +344,9 @@ def format_table(result):
         )
     for m, message in (result.get("errors") or {}).items():
         lines.append(f"{m}: not run: {message}")
+    epoch = ", ".join(f"{m} {_fmt(result['seconds_per_epoch'][m], '.0f')} s" for m in result["methods"]
+                      if result["seconds_per_epoch"].get(m) is not None)
+    lines += ["", f"one whole epoch ({result['epoch_samples']:,} training sequences) at these paces: {epoch}"]
     lines.append("")
     if result["eval_seconds"] is not None:
         lines.append(
