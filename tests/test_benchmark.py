@@ -205,11 +205,15 @@ def test_signature_follows_the_packages_default_yaml(tmp_path, monkeypatch):
     layer = tmp_path / "LLMRec.yaml"
     layer.write_text("epochs: 5\n")
     monkeypatch.setattr(defaults, "default_config_files", lambda model, dataset: [str(layer)])
-    spec = RunSpec("ml-100k", "LLMRec", "erm", 1, {}, {"train_method": "erm"}, [], "final")
-    before = spec.signature
-    assert spec.signature == before  # stable
+    def spec():
+        return RunSpec("ml-100k", "LLMRec", "erm", 1, {}, {"train_method": "erm"}, [], "final")
+
+    running = spec()
+    before = running.signature
+    assert spec().signature == before  # stable
     layer.write_text("epochs: 10\n")
-    assert spec.signature != before
+    assert spec().signature != before  # the next grid sees the new default
+    assert running.signature == before  # a run under way keeps one name
 
 
 def test_grid_refuses_a_folder_of_another_machine(tmp_path, fake, monkeypatch):
