@@ -301,3 +301,25 @@ def load_backbone(
         "dtype": torch_dtype,
     }
     return model, tokenizer, info
+
+
+def load_backbone_from_config(config, device, lora=True, causal_lm=False):
+    """:func:`load_backbone` with the LLM keys of a RecBole config (``llm_*``, ``lora_*``,
+    ``gradient_checkpointing``, ``trust_remote_code``) read in one place for every model;
+    ``lora=False`` loads the base model without adapters (LLMRec's frozen fast path)."""
+    return load_backbone(
+        llm_path=config["llm_path"],
+        gguf_file=config["llm_gguf_file"],
+        dtype=config["llm_dtype"],
+        device=device,
+        num_layers=config["llm_num_layers"],
+        trust_remote_code=bool(config["trust_remote_code"]),
+        gradient_checkpointing=bool(config["gradient_checkpointing"]),
+        attn_implementation=config["llm_attn_implementation"],
+        lora_r=int(config["lora_r"]) if lora else 0,
+        lora_alpha=float(config["lora_alpha"]),
+        lora_dropout=float(config["lora_dropout"]),
+        lora_target_modules=config["lora_target_modules"],
+        quantization=config["llm_quantization"],
+        causal_lm=causal_lm,
+    )

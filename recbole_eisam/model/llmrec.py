@@ -27,7 +27,7 @@ from recbole.model.abstract_recommender import SequentialRecommender
 from torch import nn
 
 from recbole_eisam.model import item_text as it
-from recbole_eisam.model.llm_backbone import load_backbone
+from recbole_eisam.model.llm_backbone import load_backbone_from_config
 from recbole_eisam.model.state_cache import PromptStateCache
 from recbole_eisam.utils.longtail import item_counts
 
@@ -104,20 +104,8 @@ class LLMRec(SequentialRecommender):
         self.item_texts = it.extract_item_texts(dataset, self.item_text_fields, self.item_text_separator)
 
         # define the backbone: frozen base LLM (first llm_num_layers layers) + LoRA adapters
-        self.backbone, self.tokenizer, self.backbone_info = load_backbone(
-            llm_path=config["llm_path"],
-            gguf_file=config["llm_gguf_file"],
-            dtype=config["llm_dtype"],
-            device=self.device,
-            num_layers=config["llm_num_layers"],
-            trust_remote_code=bool(config["trust_remote_code"]),
-            gradient_checkpointing=bool(config["gradient_checkpointing"]),
-            attn_implementation=config["llm_attn_implementation"],
-            lora_r=0 if self.llm_frozen else int(config["lora_r"]),
-            lora_alpha=float(config["lora_alpha"]),
-            lora_dropout=float(config["lora_dropout"]),
-            lora_target_modules=config["lora_target_modules"],
-            quantization=config["llm_quantization"],
+        self.backbone, self.tokenizer, self.backbone_info = load_backbone_from_config(
+            config, self.device, lora=not self.llm_frozen
         )
         self.hidden_size = self.backbone_info["hidden_size"]
 

@@ -28,7 +28,7 @@ from recbole.model.abstract_recommender import SequentialRecommender
 from transformers import DynamicCache
 
 from recbole_eisam.model import item_text as it
-from recbole_eisam.model.llm_backbone import load_backbone
+from recbole_eisam.model.llm_backbone import load_backbone_from_config
 from recbole_eisam.model.title_trie import TitleTrie, constrained_beam_search, leaves_to_scores
 from recbole_eisam.utils.longtail import item_counts
 
@@ -100,21 +100,8 @@ class LLMRecGen(SequentialRecommender):
         self.posthoc_tau = 0.0  # set by the trainer for logit_adjust_posthoc (applied per beam step)
 
         self.item_texts = it.extract_item_texts(dataset, self.item_text_fields, str(config["item_text_separator"]))
-        self.backbone, self.tokenizer, self.backbone_info = load_backbone(
-            llm_path=config["llm_path"],
-            gguf_file=config["llm_gguf_file"],
-            dtype=config["llm_dtype"],
-            device=self.device,
-            num_layers=config["llm_num_layers"],
-            trust_remote_code=bool(config["trust_remote_code"]),
-            gradient_checkpointing=bool(config["gradient_checkpointing"]),
-            attn_implementation=config["llm_attn_implementation"],
-            lora_r=int(config["lora_r"]),
-            lora_alpha=float(config["lora_alpha"]),
-            lora_dropout=float(config["lora_dropout"]),
-            lora_target_modules=config["lora_target_modules"],
-            quantization=config["llm_quantization"],
-            causal_lm=True,
+        self.backbone, self.tokenizer, self.backbone_info = load_backbone_from_config(
+            config, self.device, causal_lm=True
         )
         self.prompt_builder = it.PromptBuilder(
             self.tokenizer, self.item_texts, str(config["prompt_template"]), str(config["history_item_template"]),
