@@ -7,7 +7,7 @@ What the report computes (stated again at the top of REPORT.md):
 * **mean +- std over seeds** of each test metric, ``std`` the *sample* standard deviation
   (``ddof=1``; empty with a single seed);
 * **relative change vs ERM**: ``(mean_method - mean_ERM) / mean_ERM`` of the same model and
-  dataset, from the means over seeds;
+  dataset, from the means over the seeds both ran;
 * **paired significance vs ERM**: two-sided Wilcoxon signed-rank test
   (``scipy.stats.wilcoxon``, ``zero_method="wilcox"``: users with equal NDCG drop out) on
   per-user NDCG@10 read from the runs' top-K files, the method against ERM of the same
@@ -412,7 +412,7 @@ def build_report(out, k=K, plots=True):
         "",
         "How to read the tables:",
         "- cells: test metric, mean ± sample std over seeds (ddof=1; no ± with one seed), and in "
-        "parentheses the relative change of the mean vs ERM of the same model;",
+        "parentheses the relative change of the mean vs ERM of the same model on the same seeds;",
         "- Gini@10 is the Gini index of the recommended items (lower = more even exposure); "
         "TailCov@10 the share of tail items recommended at least once;",
         f"- p (all) / p (tail): two-sided Wilcoxon signed-rank test on per-user NDCG@{k} vs ERM "

@@ -69,7 +69,8 @@ def summarize(results, metrics=METRICS):
     """Mean, std (ddof=1) and relative change vs ERM per (dataset, model, method).
 
     Returns a DataFrame indexed by (dataset, model, method) with ``n_seeds``, ``seeds`` and
-    for every metric ``<m>_mean``, ``<m>_std`` and ``<m>_rel`` (nan where no ERM row exists).
+    for every metric ``<m>_mean``, ``<m>_std`` and ``<m>_rel``, the change against ERM over
+    the seeds both ran (nan where ERM shares no seed).
     """
     rows = []
     for (dataset, model, method), group in results.groupby(["dataset", "model", "method"], sort=False):
@@ -92,12 +93,29 @@ def summarize(results, metrics=METRICS):
         return summary
     summary = summary.set_index(["dataset", "model", "method"])
     for key, _ in metrics:
-        rel = []
-        for dataset, model, method in summary.index:
-            ref = summary[f"{key}_mean"].get((dataset, model, BASELINE), float("nan"))
-            rel.append(relative_change(summary.loc[(dataset, model, method), f"{key}_mean"], ref))
-        summary[f"{key}_rel"] = rel
+        summary[f"{key}_rel"] = [
+            _relative_to_erm(results, dataset, model, method, key) for dataset, model, method in summary.index
+        ]
     return summary
+
+
+def _relative_to_erm(results, dataset, model, method, key):
+    """(mean - ERM's mean) / ERM's mean of test ``key``, both over the seeds both ran, so a
+    method run on fewer seeds than ERM is set against ERM on its own seeds (nan without ERM)."""
+    column = f"test_{key}"
+    if column not in results:
+        return float("nan")
+    same = results[(results["dataset"] == dataset) & (results["model"] == model)]
+    mine = same[same["method"] == method]
+    erm = same[same["method"] == BASELINE]
+    seeds = set(mine["seed"]) & set(erm["seed"])
+    if not seeds:
+        return float("nan")
+
+    def mean_of(rows):
+        return pd.to_numeric(rows[rows["seed"].isin(seeds)][column], errors="coerce").mean()
+
+    return relative_change(mean_of(mine), mean_of(erm))
 
 
 def wilcoxon_p(differences):
