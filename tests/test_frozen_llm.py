@@ -55,6 +55,17 @@ def test_cached_run_equals_the_uncached_frozen_run(frozen_config):
     assert again["test_result"] == cached["test_result"]
 
 
+def test_on_the_fast_path_eisams_head_scope_is_its_full_scope(frozen_config):
+    # only the head trains, so perturbing "all trainable parameters" perturbs the head
+    config = dict(frozen_config, train_method="eisam", eisam_rho=0.05, eisam_lambda=1.0, head_dropout=0.1)
+    full = run("LLMRec", "tiny", config_dict=dict(config, eisam_scope="all"))
+    head = run("LLMRec", "tiny", config_dict=dict(config, eisam_scope="head"))
+    assert head["test_result"] == full["test_result"]
+    assert head["best_valid_result"] == full["best_valid_result"]
+    erm = run("LLMRec", "tiny", config_dict=dict(config, train_method="erm"))
+    assert erm["best_valid_result"] != full["best_valid_result"]  # the sharpness term did act
+
+
 def test_second_build_reads_the_cache_instead_of_encoding(frozen_config, monkeypatch):
     first, _, _ = build(frozen_config)
     first.flush_caches()
