@@ -13,8 +13,6 @@ from recbole.data import data_preparation
 from recbole_eisam.model import LLMRec, llm_backbone
 from recbole_eisam.quick_start import build_dataset, load_config, run
 
-CHARS = [chr(c) for c in range(32, 127)] + ["\n"]
-
 
 def _recbole_token_seq_workaround():
     """pandas >= 2 makes ``Series.agg(len)`` return the Series length, which breaks RecBole

@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from conftest import write_tiny_dataset
 from recbole.data import data_preparation
 from test_eisam_step import add, f32, grad_of, norm, rel_err, train_counts
-from test_llmrec import CHARS
 from torch.func import functional_call
 
+from recbole_eisam.bench.gpu import CHARS
 from recbole_eisam.model import LLMRecGen
 from recbole_eisam.model.title_trie import TitleTrie, constrained_beam_search, leaves_to_scores
 from recbole_eisam.quick_start import build_dataset, load_config, run

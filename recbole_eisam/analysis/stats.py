@@ -72,8 +72,11 @@ def summarize(results, metrics=METRICS):
     for every metric ``<m>_mean``, ``<m>_std`` and ``<m>_rel``, the change against ERM over
     the seeds both ran (nan where ERM shares no seed).
     """
+    erm_rows = results[results["method"] == BASELINE]
     rows = []
     for (dataset, model, method), group in results.groupby(["dataset", "model", "method"], sort=False):
+        erm = erm_rows[(erm_rows["dataset"] == dataset) & (erm_rows["model"] == model)]
+        shared = set(group["seed"]) & set(erm["seed"])
         row = {
             "dataset": dataset,
             "model": model,
@@ -87,35 +90,21 @@ def summarize(results, metrics=METRICS):
             values = values.dropna().to_numpy(dtype=np.float64)
             row[f"{key}_mean"] = float(values.mean()) if len(values) else float("nan")
             row[f"{key}_std"] = float(values.std(ddof=DDOF)) if len(values) > DDOF else float("nan")
+            # against ERM on the seeds both ran, so a method with fewer seeds meets ERM on its own
+            row[f"{key}_rel"] = (
+                relative_change(_mean_on_seeds(group, column, shared), _mean_on_seeds(erm, column, shared))
+                if shared and column in group else float("nan")
+            )
         rows.append(row)
     summary = pd.DataFrame(rows)
     if summary.empty:
         return summary
-    summary = summary.set_index(["dataset", "model", "method"])
-    for key, _ in metrics:
-        summary[f"{key}_rel"] = [
-            _relative_to_erm(results, dataset, model, method, key) for dataset, model, method in summary.index
-        ]
-    return summary
+    return summary.set_index(["dataset", "model", "method"])
 
 
-def _relative_to_erm(results, dataset, model, method, key):
-    """(mean - ERM's mean) / ERM's mean of test ``key``, both over the seeds both ran, so a
-    method run on fewer seeds than ERM is set against ERM on its own seeds (nan without ERM)."""
-    column = f"test_{key}"
-    if column not in results:
-        return float("nan")
-    same = results[(results["dataset"] == dataset) & (results["model"] == model)]
-    mine = same[same["method"] == method]
-    erm = same[same["method"] == BASELINE]
-    seeds = set(mine["seed"]) & set(erm["seed"])
-    if not seeds:
-        return float("nan")
-
-    def mean_of(rows):
-        return pd.to_numeric(rows[rows["seed"].isin(seeds)][column], errors="coerce").mean()
-
-    return relative_change(mean_of(mine), mean_of(erm))
+def _mean_on_seeds(rows, column, seeds):
+    """Mean of ``column`` over the rows of the given seeds."""
+    return pd.to_numeric(rows[rows["seed"].isin(seeds)][column], errors="coerce").mean()
 
 
 def wilcoxon_p(differences):
