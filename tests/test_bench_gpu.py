@@ -39,3 +39,18 @@ def test_flops_of_a_step_by_hand():
 def test_unknown_architecture_is_one_sentence(capsys):
     assert main_guard(gpu.main, ["--arch=gpt-9"]) == 2
     assert "--arch must be one of tiny-llama, qwen2.5-0.5b, llama-3.2-1b" in capsys.readouterr().err
+
+
+def test_the_cpu_cuda_check_compares_gradients_not_signs(tmp_path):
+    """One EISAM step with plain SGD moves each weight by lr times its own gradient: the sizes of
+    the changes vary, where Adam's first step moves almost every weight by lr itself (95% of them
+    within 1% of the largest change, measured)."""
+    import torch
+
+    change = gpu.eisam_step_change("cpu", str(tmp_path))
+    sizes = torch.cat([c.flatten() for c in change.values()]).abs()
+    sizes = sizes[sizes > 0]
+    assert sizes.numel() > 100
+    assert float((sizes > 0.99 * sizes.max()).float().mean()) < 0.01
+    again = gpu.eisam_step_change("cpu", str(tmp_path / "again"))
+    assert all(torch.equal(change[n], again[n]) for n in change)

@@ -17,8 +17,8 @@ tokens per second, the achieved TFLOP/s of the work each step does (forward pass
 without gradients; ``N`` the decoder's non-embedding parameters, attention's ``T^2`` terms
 added), the model FLOPs utilisation against ``--peak_tflops`` (by default the device's bf16
 dense peak from :data:`PEAK_TFLOPS`), and the peak memory. Then it checks that one EISAM step
-of a tiny float32 model changes the weights the same way on the GPU as on the CPU (largest
-difference, against ``1e-5``). The last line of stdout is one JSON object.
+of a tiny float32 model, taken with plain SGD so that the change is the update itself, changes
+the weights the same way on the GPU as on the CPU (largest difference, against ``1e-5``). The last line of stdout is one JSON object.
 """
 
 import os
@@ -123,25 +123,32 @@ def step_flops(config, tokens, prompt_length, forward, backward):
 PASSES = {"erm": (1, 1), "eisam": (2, 3), "eisam_head": (1, 1)}
 
 
+def eisam_step_change(where, tmp):
+    """The weight change of one EISAM step of a tiny float32 LLMRec on device ``where`` ("cpu" or
+    "cuda"), always from the same weights and batch. The optimizer is plain SGD, so the change is
+    ``-lr * G``: Adam's first step would be ``-lr * sign(G)`` and hide any difference in ``G``."""
+    folder, _ = write_random_model("tiny-llama", os.path.join(tmp, "model"))
+    data = write_catalog(os.path.join(tmp, "data"), n_users=64, n_items=200, per_user=12)
+    overrides = dict(_llmrec_config(folder, data, tmp), llm_dtype="float32", use_gpu=where == "cuda",
+                     device=where, head_dropout=0.0, lora_dropout=0.0)
+    config, model, train_data, _, groups, _ = setup("LLMRec", "catalog", None, overrides, 1)
+    before = {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+    trainer = make_trainer(config, model, train_data.dataset, dict(method_overrides("eisam"), learner="sgd"))
+    trainer._step(groups[0], torch.amp.GradScaler("cuda", enabled=False))
+    change = {n: p.detach().cpu() - before[n] for n, p in model.named_parameters() if p.requires_grad}
+    close_trainer(trainer)
+    return change
+
+
 def cpu_cuda_agreement(device):
-    """Largest difference between one EISAM step on the CPU and on ``device`` (tiny float32
-    model, the same weights and batch), or ``None`` without a CUDA device."""
+    """Largest difference between one EISAM step's weight change on the CPU and on ``device``
+    (:func:`eisam_step_change`), or ``None`` without a CUDA device."""
     if device.type != "cuda":
         return None
-    changes = {}
     with tempfile.TemporaryDirectory() as tmp:
-        folder, _ = write_random_model("tiny-llama", os.path.join(tmp, "model"))
-        data = write_catalog(os.path.join(tmp, "data"), n_users=64, n_items=200, per_user=12)
-        for where in ("cpu", "cuda"):
-            overrides = dict(_llmrec_config(folder, data, tmp), llm_dtype="float32", use_gpu=where == "cuda",
-                             device=where, head_dropout=0.0, lora_dropout=0.0)
-            config, model, train_data, _, groups, _ = setup("LLMRec", "catalog", None, overrides, 1)
-            before = {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
-            trainer = make_trainer(config, model, train_data.dataset, method_overrides("eisam"))
-            trainer._step(groups[0], torch.amp.GradScaler("cuda", enabled=False))
-            changes[where] = {n: p.detach().cpu() - before[n] for n, p in model.named_parameters() if p.requires_grad}
-            close_trainer(trainer)
-    return max(float((changes["cpu"][n] - changes["cuda"][n]).abs().max()) for n in changes["cpu"])
+        cpu = eisam_step_change("cpu", os.path.join(tmp, "cpu"))
+        cuda = eisam_step_change("cuda", os.path.join(tmp, "cuda"))
+    return max(float((cpu[n] - cuda[n]).abs().max()) for n in cpu)
 
 
 def _llmrec_config(folder, data_path, tmp):
