@@ -23,12 +23,15 @@ def _literal(text):
 
 def literal_value(text):
     """A string as the value it spells, the way RecBole's Config reads one (numbers, lists,
-    dicts, ``True``, ``None``; ``true`` / ``false`` in any case), but with
-    ``ast.literal_eval``: nothing is executed, and anything else stays the string."""
+    dicts, ``True``, ``None``; ``true`` / ``false`` in any case; YAML's nulls ``~`` and ``null``
+    as in properties/), but with ``ast.literal_eval``: nothing is executed, and anything else
+    stays the string."""
     ok, value = _literal(text)
     if ok:
         return value
     lowered = text.strip().lower()
+    if lowered in ("~", "null"):
+        return None
     return lowered == "true" if lowered in ("true", "false") else text
 
 

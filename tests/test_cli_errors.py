@@ -276,6 +276,7 @@ def test_command_line_values_are_literals_never_code():
     assert convert_value("1e-3") == 0.001 and convert_value("-0.5") == -0.5 and convert_value("7") == 7
     assert convert_value("[10, 20]") == [10, 20] and convert_value("{'max_norm': 5}") == {"max_norm": 5}
     assert convert_value("None") is None and convert_value("True") is True and convert_value("false") is False
+    assert convert_value("~") is None and convert_value("null") is None  # YAML's nulls, as properties/ writes them
     assert convert_value("[movie_title, genre]") == ["movie_title", "genre"]  # YAML flow style
     assert convert_value("ml-100k") == "ml-100k" and convert_value("eisam") == "eisam"
     assert convert_value("'\\n{item}'") == "\n{item}"  # a quoted string stays a string, never YAML
@@ -299,3 +300,26 @@ def test_quantization_needs_cuda_bitsandbytes_and_a_model_folder(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "bitsandbytes" else real(name, *a))
     with pytest.raises(ValueError, match="'m.gguf' is a GGUF file"):
         quantization_config("4bit", "cuda", gguf_file="m.gguf")
+
+
+@pytest.mark.parametrize("value, kept", [(None, 2), (1, 1), (5, 2)])
+def test_llm_num_layers_keeps_the_first_layers(value, kept):
+    from transformers import LlamaConfig, LlamaModel
+
+    from recbole_eisam.model.llm_backbone import keep_first_layers
+
+    model = LlamaModel(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                   num_key_value_heads=1, vocab_size=50))
+    assert keep_first_layers(model, value) == kept == len(model.layers) == model.config.num_hidden_layers
+
+
+@pytest.mark.parametrize("value", ["~x", "two", 2.5, True, 0])
+def test_a_bad_llm_num_layers_is_one_sentence_naming_the_key(value):
+    from transformers import LlamaConfig, LlamaModel
+
+    from recbole_eisam.model.llm_backbone import keep_first_layers
+
+    model = LlamaModel(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                   num_key_value_heads=1, vocab_size=50))
+    with pytest.raises(ValueError, match="llm_num_layers must be"):
+        keep_first_layers(model, value)

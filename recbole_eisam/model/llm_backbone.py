@@ -174,9 +174,11 @@ def keep_first_layers(model, num_layers):
     """Keep only the first ``num_layers`` decoder layers (in place); returns the kept count."""
     parent, name = _layer_list(model)
     layers = getattr(parent, name)
-    if num_layers is None or int(num_layers) >= len(layers):
+    if num_layers is not None and (isinstance(num_layers, bool) or not isinstance(num_layers, int)):
+        raise ValueError(f"llm_num_layers must be a whole number of layers or null for all, got {num_layers!r}.")
+    if num_layers is None or num_layers >= len(layers):
         return len(layers)
-    k = int(num_layers)
+    k = num_layers
     if k < 1:
         raise ValueError(f"llm_num_layers must be at least 1 (or null for all), got {k}.")
     setattr(parent, name, torch.nn.ModuleList(list(layers)[:k]))
