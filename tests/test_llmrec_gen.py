@@ -319,6 +319,7 @@ def test_short_training_learns_a_next_item_rule(tmp_path):
     ("eisam_scope", "head", "eisam_scope=head perturbs a head"),
     ("metrics", ["Hit", "TailMRR"], "['TailMRR'] need the target's rank among all items"),
     ("num_beams", 5, "num_beams 5 is smaller than the largest topk 10"),
+    ("gen_inference", "sample", "gen_inference must be 'beam' or 'grounding', got 'sample'"),
 ])
 def test_refusals_name_the_key(tiny_gen, key, value, fragment):
     with pytest.raises(ValueError) as info:
@@ -353,3 +354,61 @@ def test_prior_scores_are_the_models_own_title_likelihoods(tiny_gen, tmp_path):
         assert items["prior_score"].iloc[item - 1] == pytest.approx(hand.item(), abs=1e-5)  # rows: internal ids 1..
     with pytest.raises(ValueError, match="needs a model that writes titles"):
         pl.run_study("SASRec", "tiny", config_dict=tiny_gen, scorer="model")
+
+
+# ------------------------------------------------------------------ grounding (BIGRec's two steps)
+def test_free_writing_is_greedy_decoding_without_the_cache(tiny_gen):
+    model, _, (_, _, test) = build(tiny_gen)
+    model.eval()
+    inter = first(test)[:3]
+    written = model.generate_free(inter)
+    end = int(model.to_out[model.end_token_id])
+    ids, _, lens = model.prompt_builder(inter[model.ITEM_SEQ], inter[model.ITEM_SEQ_LEN])
+    for j in range(3):
+        sequence = ids[j, : lens[j]].tolist()
+        expected = []
+        with torch.no_grad():
+            while len(expected) < model.target_ids.size(1):
+                logp = out_log_probs(model, model.backbone(input_ids=torch.tensor([sequence])).logits[0, -1])
+                token = int(model.to_out[int(logp.argmax())])
+                expected.append(token)
+                if token == end:
+                    break
+                sequence.append(int(model.vocab_ids[token]))
+        if expected[-1] != end:
+            expected.append(end)
+        row = written[j].tolist()
+        assert row[: row.index(end) + 1] == expected
+
+
+def test_grounding_ranks_every_item_by_distance_to_the_written_text(tiny_gen, monkeypatch):
+    model, _, (_, _, test) = build(dict(tiny_gen, gen_inference="grounding"))
+    model.eval()
+    inter = first(test)
+    titled = model.target_len > 0
+    with torch.no_grad():
+        scores = model.full_sort_predict(inter)
+        assert scores.shape == (len(inter), model.n_items)
+        assert torch.isfinite(scores[:, titled]).all() and not torch.isfinite(scores[:, ~titled]).any()
+        # an item's embedding: the last hidden state at its end token, its target fed alone
+        tokens = model.target_ids[7, : model.target_len[7]]
+        hand = model._decoder_and_head()[0](input_ids=tokens.unsqueeze(0)).last_hidden_state[0, -1]
+        assert torch.allclose(model.item_embeddings()[7], hand, atol=1e-5)
+        # writing item 7's target exactly puts item 7 first, at distance 0
+        target7 = model.to_out[tokens].unsqueeze(0).expand(len(inter), -1)
+        monkeypatch.setattr(model, "generate_free", lambda interaction, max_tokens=None: target7)
+        scores = model.full_sort_predict(inter)
+        assert (scores.argmax(1) == 7).all() and torch.allclose(scores[:, 7], torch.zeros(len(inter)), atol=1e-3)
+        model.posthoc_tau = 1.0  # post-hoc logit adjustment: minus tau log prior of each item
+        prior = model.counts.float().clamp(min=1) / model.counts.sum()
+        adjusted = model.full_sort_predict(inter)
+        assert torch.allclose(adjusted[:, titled], (scores - prior.log())[:, titled], atol=1e-4)
+    model.train()
+    assert model._item_embeddings is None  # the adapters move on: embeddings are recomputed
+
+
+def test_grounding_runs_end_to_end_with_full_rank_metrics(tiny_gen):
+    config = dict(tiny_gen, gen_inference="grounding", train_method="logit_adjust_posthoc",
+                  metrics=["Hit", "NDCG", "MRR", "TailMRR", "HeadMRR", "TailNDCG"])
+    result = run("LLMRecGen", "tiny", config_dict=config)
+    assert 0.0 < result["test_result"]["tailmrr"] <= 1.0 and 0.0 < result["test_result"]["headmrr"] <= 1.0

@@ -65,6 +65,12 @@ class LLMRecGen(SequentialRecommender):
       ``num_beams`` are exact; metrics that need the target's rank among all items are
       refused. :meth:`predict` (sampled evaluation) scores a candidate by its title's
       log-likelihood.
+    * Grounding (``gen_inference: grounding``, BIGRec's two steps, :meth:`grounded_scores`):
+      the model writes freely (greedy, KV-cached, no trie), and every item is ranked by the
+      L2 distance between the written text's embedding and its target's (the decoder's last
+      hidden state at the end-of-item token, each text fed alone), so every item gets a
+      score and metrics of the full rank work; post-hoc logit adjustment subtracts
+      ``tau log pi(item)`` from those scores.
 
     NOTE:
         There is no cheap head here: every parameter that trains is inside the LLM (LoRA),
@@ -78,18 +84,24 @@ class LLMRecGen(SequentialRecommender):
         self.loss_reduction = str(config["gen_loss_reduction"])
         if self.loss_reduction not in ("sum", "mean"):
             raise ValueError(f"gen_loss_reduction must be 'sum' or 'mean', got {self.loss_reduction!r}.")
+        self.inference = str(config["gen_inference"])
+        if self.inference not in ("beam", "grounding"):
+            raise ValueError(f"gen_inference must be 'beam' or 'grounding', got {self.inference!r}.")
+        self.item_encode_batch_size = int(config["item_encode_batch_size"])
+        self._item_embeddings = None  # grounding's item embeddings, dropped whenever training resumes
         self.num_beams = int(config["num_beams"])
         topk = [int(k) for k in (config["topk"] or [])]
-        if topk and self.num_beams < max(topk):
+        if self.inference == "beam" and topk and self.num_beams < max(topk):
             raise ValueError(
                 f"num_beams {self.num_beams} is smaller than the largest topk {max(topk)}: LLMRecGen's "
                 f"top-K lists come from its beams; set num_beams to at least {max(topk)}."
             )
         refused = [m for m in (config["metrics"] or []) if str(m).lower() in FULL_RANK_METRICS]
-        if refused:
+        if self.inference == "beam" and refused:
             raise ValueError(
                 f"metrics {refused} need the target's rank among all items, but LLMRecGen ranks only the "
-                f"titles its {self.num_beams} beams reach; drop them (MRR, Hit, NDCG and the @K tail metrics work)."
+                f"titles its {self.num_beams} beams reach; drop them (MRR, Hit, NDCG and the @K tail metrics work) or "
+                f"rank every item with gen_inference: grounding."
             )
         if str(config["eisam_scope"] or "all") == "head":
             raise ValueError(
@@ -231,24 +243,19 @@ class LLMRecGen(SequentialRecommender):
         """Score of each (user, candidate) pair: the candidate title's log-likelihood."""
         return -self.sequence_losses(interaction, interaction[self.ITEM_ID])
 
-    def generate(self, interaction, num_beams=None):
-        """Constrained beam search: ``(items' leaves [B, W], scores [B, W])`` (see :mod:`title_trie`)."""
+    def _decoding_step(self, interaction, W):
+        """``step(state, tokens, origin) -> (log_probs [B*W, V_out], state)``: the KV-cached
+        decoder step of :func:`~recbole_eisam.model.title_trie.constrained_beam_search`, for the
+        batch's prompts each repeated for ``W`` rows."""
         item_seq, item_seq_len = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]
         input_ids, attention_mask, lengths = self.prompt_builder(item_seq, item_seq_len)
-        B, L = input_ids.shape
-        W = int(num_beams or self.num_beams)
+        L = input_ids.size(1)
         # left-pad, so that every prompt's next token sits at the same column
         shift = (L - lengths).view(-1, 1)
         cols = (torch.arange(L, device=input_ids.device).view(1, -1) - shift) % L
         ids = input_ids.gather(1, cols)
         mask = attention_mask.gather(1, cols)
         decoder, _ = self._decoder_and_head()
-        banned = None
-        if self.mask_history:
-            banned = torch.zeros(B, self.n_items, dtype=torch.bool, device=item_seq.device)
-            banned.scatter_(1, item_seq, True)
-            banned[:, 0] = True
-            banned = banned.cpu()
 
         def step(state, tokens, origin):
             if tokens is None:
@@ -269,10 +276,91 @@ class LLMRecGen(SequentialRecommender):
                           use_cache=True, **{self._cache_kwarg: cache})
             return F.log_softmax(self.output_logits(out.last_hidden_state[:, -1]).float(), dim=-1), (cache, am, pos + 1)
 
+        return step
+
+    def generate(self, interaction, num_beams=None):
+        """Constrained beam search: ``(items' leaves [B, W], scores [B, W])`` (see :mod:`title_trie`)."""
+        item_seq = interaction[self.ITEM_SEQ]
+        B, W = item_seq.size(0), int(num_beams or self.num_beams)
+        banned = None
+        if self.mask_history:
+            banned = torch.zeros(B, self.n_items, dtype=torch.bool, device=item_seq.device)
+            banned.scatter_(1, item_seq, True)
+            banned[:, 0] = True
+            banned = banned.cpu()
+        step = self._decoding_step(interaction, W)
         return constrained_beam_search(step, None, self.trie, B, W, banned=banned, prior_tau=self.posthoc_tau)
 
     @torch.no_grad()
+    def generate_free(self, interaction, max_tokens=None):
+        """Greedy decoding without the trie (BIGRec's first step): ``[B, T]`` output-vocabulary
+        indices of each prompt's text, every row closed by the end-of-item token (appended
+        where ``max_tokens``, by default the longest target, ran out first)."""
+        B = interaction[self.ITEM_SEQ].size(0)
+        limit = int(max_tokens or self.target_ids.size(1))
+        end = int(self.to_out[self.end_token_id])
+        step = self._decoding_step(interaction, 1)
+        log_probs, state = step(None, None, None)
+        rows, done = [], torch.zeros(B, dtype=torch.bool)
+        origin = torch.arange(B)
+        for t in range(limit):
+            token = log_probs.argmax(dim=-1).cpu()
+            token = torch.where(done, torch.full_like(token, end), token)
+            rows.append(token)
+            done = done | (token == end)
+            if bool(done.all()) or t == limit - 1:
+                break
+            log_probs, state = step(state, token, origin)
+        out = torch.stack(rows, dim=1)
+        if not bool(done.all()):
+            out = torch.cat([out, torch.full((B, 1), end, dtype=out.dtype)], dim=1)
+        return out
+
+    def embed_targets(self, tokens):
+        """BIGRec's embedding of a written text: the decoder's last hidden state at the first
+        end-of-item token of each row of ``tokens`` (output-vocabulary indices, ``[N, T]``), the
+        text fed on its own, without the prompt."""
+        end = int(self.to_out[self.end_token_id])
+        tokens = tokens.to(self.device)
+        is_end = tokens == end
+        length = torch.where(is_end.any(1), is_end.float().argmax(1), torch.full_like(tokens[:, 0], tokens.size(1) - 1)) + 1
+        mask = (torch.arange(tokens.size(1), device=tokens.device).unsqueeze(0) < length.unsqueeze(1)).long()
+        decoder, _ = self._decoder_and_head()
+        hidden = decoder(input_ids=self.vocab_ids[tokens], attention_mask=mask).last_hidden_state
+        return hidden[torch.arange(tokens.size(0), device=tokens.device), length - 1].float()
+
+    def item_embeddings(self):
+        """Every item's :meth:`embed_targets` (its target, as written in training), ``[n_items, H]``
+        (zeros for the padding item and items without a title); kept until the next training step."""
+        if self._item_embeddings is None:
+            titled = torch.nonzero(self.target_len > 0).flatten()
+            out_ids = self.to_out[self.target_ids[titled]].clamp(min=0)  # positions after the end are masked
+            step = self.item_encode_batch_size
+            emb = torch.cat([self.embed_targets(out_ids[i : i + step]) for i in range(0, titled.numel(), step)])
+            self._item_embeddings = torch.zeros(self.n_items, emb.size(1), device=emb.device)
+            self._item_embeddings[titled.to(emb.device)] = emb
+        return self._item_embeddings
+
+    def train(self, mode=True):
+        self._item_embeddings = None  # the adapters change: ground against fresh item embeddings
+        return super().train(mode)
+
+    @torch.no_grad()
+    def grounded_scores(self, interaction):
+        """BIGRec's grounding: ``-L2`` distance between the embedding of the greedily written text
+        and every item's, ``[B, n_items]`` (``-inf`` for the padding item and untitled items), minus
+        ``posthoc_tau * log prior`` of each item for post-hoc logit adjustment."""
+        written = self.embed_targets(self.generate_free(interaction))
+        scores = -torch.cdist(written, self.item_embeddings())
+        if self.posthoc_tau:
+            prior = self.counts.float().clamp(min=1) / self.counts.sum().clamp(min=1)
+            scores = scores - self.posthoc_tau * prior.log().to(scores.device)
+        return scores.masked_fill((self.target_len == 0).to(scores.device).unsqueeze(0), -float("inf"))
+
+    @torch.no_grad()
     def full_sort_predict(self, interaction):
+        if self.inference == "grounding":
+            return self.grounded_scores(interaction)
         leaves, scores = self.generate(interaction)
         return leaves_to_scores(self.trie, leaves, scores, self.n_items).to(self.device)
 
