@@ -246,7 +246,7 @@ class LLMRecGen(SequentialRecommender):
     def _decoding_step(self, interaction, W):
         """``step(state, tokens, origin) -> (log_probs [B*W, V_out], state)``: the KV-cached
         decoder step of :func:`~recbole_eisam.model.title_trie.constrained_beam_search`, for the
-        batch's prompts each repeated for ``W`` rows."""
+        batch's prompts each repeated for ``W`` rows (``origin=None``: every row keeps its own)."""
         item_seq, item_seq_len = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]
         input_ids, attention_mask, lengths = self.prompt_builder(item_seq, item_seq_len)
         L = input_ids.size(1)
@@ -267,10 +267,11 @@ class LLMRecGen(SequentialRecommender):
                 last = out.last_hidden_state[:, -1].repeat_interleave(W, dim=0)
                 return F.log_softmax(self.output_logits(last).float(), dim=-1), (cache, mask.repeat_interleave(W, 0), lengths.repeat_interleave(W))
             cache, am, pos = state
-            origin = origin.to(ids.device)
-            cache.reorder_cache(origin)
-            am = torch.cat([am[origin], torch.ones(am.size(0), 1, dtype=am.dtype, device=am.device)], dim=1)
-            pos = pos[origin]
+            if origin is not None:  # beams: each row continues the row it came from (greedy: itself)
+                origin = origin.to(ids.device)
+                cache.reorder_cache(origin)
+                am, pos = am[origin], pos[origin]
+            am = torch.cat([am, torch.ones(am.size(0), 1, dtype=am.dtype, device=am.device)], dim=1)
             token_ids = self.vocab_ids[tokens.to(ids.device)].view(-1, 1)  # output index -> token id
             out = decoder(input_ids=token_ids, attention_mask=am, position_ids=pos.view(-1, 1),
                           use_cache=True, **{self._cache_kwarg: cache})
@@ -302,7 +303,6 @@ class LLMRecGen(SequentialRecommender):
         step = self._decoding_step(interaction, 1)
         log_probs, state = step(None, None, None)
         rows, done = [], torch.zeros(B, dtype=torch.bool)
-        origin = torch.arange(B)
         for t in range(limit):
             token = log_probs.argmax(dim=-1).cpu()
             token = torch.where(done, torch.full_like(token, end), token)
@@ -310,7 +310,7 @@ class LLMRecGen(SequentialRecommender):
             done = done | (token == end)
             if bool(done.all()) or t == limit - 1:
                 break
-            log_probs, state = step(state, token, origin)
+            log_probs, state = step(state, token, None)
         out = torch.stack(rows, dim=1)
         if not bool(done.all()):
             out = torch.cat([out, torch.full((B, 1), end, dtype=out.dtype)], dim=1)
