@@ -19,7 +19,7 @@ def llm_config(tiny_config_dict, tmp_path):
     return tiny_llm_config(tiny_config_dict, llm, tmp_path / "llm_cache")
 
 
-@pytest.mark.parametrize("change", ["padding", "attention", "gradient_checkpointing"])
+@pytest.mark.parametrize("change", ["padding", "length_buckets", "attention", "gradient_checkpointing"])
 def test_before_and_after_give_the_same_loss_and_restore_the_model(llm_config, change):
     model, (train, _, _), _ = build(dict(llm_config, item_id_tokens=True))
     model.eval()
@@ -34,8 +34,11 @@ def test_before_and_after_give_the_same_loss_and_restore_the_model(llm_config, c
                 builder = model.prompt_builder
                 width = builder.prefix_ids.numel() + builder.max_history_items * builder.item_token_ids.size(1)
                 assert ids.size(1) == width + builder.suffix_ids.numel() > int(mask.sum(1).max())
+            if change == "length_buckets":
+                assert model.prompt_length_buckets == (4 if after else 1)
             losses[after] = model.calculate_loss(batch).item()
     assert losses[False] == pytest.approx(losses[True], rel=1e-5)
+    assert model.prompt_length_buckets == 1
     assert base.config._attn_implementation == attn and bool(base.is_gradient_checkpointing) == ckpt
     assert "forward" not in vars(model.prompt_builder)  # the padding patch is gone
 
@@ -52,6 +55,7 @@ def test_command_line_measures_every_change(llm_config, capsys, tmp_path):
         assert r["unit"] == bf.CHANGES[change][2] and change in table
     assert result["changes"]["gradient_checkpointing"]["default"] == "before"  # off unless asked for
     assert result["changes"]["padding"]["default"] == "after"
+    assert result["changes"]["length_buckets"]["default"] == "before"  # LLMRec.yaml: one group
     assert json.loads(result_file.read_text())["changes"].keys() == result["changes"].keys()
 
 

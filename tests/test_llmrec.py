@@ -341,3 +341,28 @@ def test_item_id_tokens_start_as_the_text_prompt_then_learn(llm_config):
     names = {n for n, _ in model.named_head_parameters()}
     assert not any(n.startswith("history_id") for n in names)  # backbone side: head scope leaves it alone
     assert {"history_id_embedding.weight", "history_id_proj.weight"} <= set(model.checkpoint_state_dict())
+
+
+@pytest.mark.parametrize("pooling, id_tokens", [("mean", True), ("last", False)])
+def test_prompt_length_buckets_give_the_same_states_and_gradients(llm_config, pooling, id_tokens):
+    """Prompts run in groups of similar length, each cut to its own longest: the states and the
+    LoRA / ID-token gradients equal those of one batch padded to its longest prompt."""
+    model, (train, _, _), _ = build(dict(llm_config, user_pooling=pooling, item_id_tokens=id_tokens))
+    batch = first_batch(train)
+    seq, seq_len = batch[model.ITEM_SEQ], batch[model.ITEM_SEQ_LEN]
+    lengths = model.build_prompts(seq, seq_len)[2]
+    assert lengths.unique().numel() > 3  # groups of different widths
+    if id_tokens:  # the ID map starts at zero: move it, so that the ID tokens count
+        torch.nn.init.normal_(model.history_id_proj.weight, std=0.1)
+    results = {}
+    for buckets in (1, 4):
+        model.prompt_length_buckets = buckets
+        model.zero_grad()
+        states = model.forward(seq, seq_len)
+        (states ** 2).sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results[buckets] = (states.detach(), grads)
+    assert torch.allclose(results[1][0], results[4][0], atol=1e-5)
+    assert results[1][1].keys() == results[4][1].keys() and any("lora" in n for n in results[1][1])
+    for name, grad in results[1][1].items():
+        assert torch.allclose(grad, results[4][1][name], atol=1e-4, rtol=1e-4), name

@@ -10,6 +10,8 @@ LLMRec does ("after"), on the same model, weights and batches:
   to the longest row) vs assembled from token ids cached once per item (ms per batch).
 * ``padding``: every prompt padded to the longest possible one (prefix + ``max_history_items``
   x ``max_item_tokens`` + suffix) vs to the longest prompt of the batch (s per step).
+* ``length_buckets``: each batch's prompts in one group padded to the longest vs in 4 groups
+  of similar length, each padded to its own longest (``prompt_length_buckets``; s per step).
 * ``attention``: eager attention vs PyTorch's scaled-dot-product attention (s per step).
 * ``gradient_checkpointing``: off vs on (s per step and peak memory: memory for time).
 * ``bf16_autocast``: float32 vs bfloat16 autocast of the forward pass (s per step).
@@ -54,12 +56,13 @@ from recbole_eisam.errors import EISAMError
 CHANGES = {
     "prompt_building": ("tokenizer per batch", "cached token ids", "ms/batch"),
     "padding": ("longest possible", "longest in batch", "s/step"),
+    "length_buckets": ("one group", "4 length groups", "s/step"),
     "attention": ("eager", "sdpa", "s/step"),
     "gradient_checkpointing": ("off", "on", "s/step"),
     "bf16_autocast": ("float32", "bf16 autocast", "s/step"),
     "item_encodings": ("encode all items", "disk cache", "s/run"),
 }
-STEP_CHANGES = ("padding", "attention", "gradient_checkpointing", "bf16_autocast")
+STEP_CHANGES = ("padding", "length_buckets", "attention", "gradient_checkpointing", "bf16_autocast")
 
 
 def _base_model(model):
@@ -103,6 +106,13 @@ def _setting(model, change, after):
         else:
             with _fixed_width_prompts(model):
                 yield
+    elif change == "length_buckets":
+        previous = model.prompt_length_buckets
+        model.prompt_length_buckets = 4 if after else 1
+        try:
+            yield
+        finally:
+            model.prompt_length_buckets = previous
     elif change == "attention":
         previous = base.config._attn_implementation
         base.set_attn_implementation("sdpa" if after else "eager")
@@ -268,6 +278,8 @@ def _default(config, change):
         return "after" if config["enable_amp"] else "before"
     if change == "attention":
         return "after" if (config["llm_attn_implementation"] or "sdpa") == "sdpa" else "before"
+    if change == "length_buckets":
+        return "after" if int(config["prompt_length_buckets"]) > 1 else "before"
     return "after"
 
 

@@ -89,6 +89,9 @@ class LLMRec(SequentialRecommender):
         self.use_item_id_tokens = bool(config["item_id_tokens"])
         self.llm_frozen = bool(config["llm_frozen"])
         self.attn_implementation = config["llm_attn_implementation"]
+        self.prompt_length_buckets = int(config["prompt_length_buckets"])
+        if self.prompt_length_buckets < 1:
+            raise ValueError(f"prompt_length_buckets must be at least 1, got {self.prompt_length_buckets}.")
         if self.llm_frozen and self.use_item_id_tokens:
             raise ValueError(
                 "llm_frozen=True computes each prompt's state once with the frozen LLM, so the prompt "
@@ -237,8 +240,27 @@ class LLMRec(SequentialRecommender):
         """The frozen LLM's states of history windows ``[B, max_history_items]``."""
         length = torch.full((windows.size(0),), windows.size(1), dtype=torch.long, device=windows.device)
         input_ids, attention_mask, lengths = self.build_prompts(windows.to(self.device), length.to(self.device))
-        output = self.backbone(input_ids=input_ids, attention_mask=attention_mask)
-        return self._pool(output.last_hidden_state, attention_mask, lengths)
+        return self._prompt_states(attention_mask, lengths, input_ids=input_ids)
+
+    def _prompt_states(self, attention_mask, lengths, input_ids=None, inputs_embeds=None):
+        """The backbone's pooled state of each right-padded prompt, ``[B, H]``. With
+        ``prompt_length_buckets`` k > 1 the prompts run in k groups of similar length (sorted,
+        stably), each cut to its own longest prompt: the states are the same, since a prompt is
+        right-padded and its attention causal, and the padded positions the LLM computes shrink
+        (bench.gpu's batch with gpu.yaml: 1.85 positions per real token in one group)."""
+        k = min(self.prompt_length_buckets, lengths.numel())
+        inputs = {"input_ids": input_ids} if input_ids is not None else {"inputs_embeds": inputs_embeds}
+        if k <= 1:
+            output = self.backbone(attention_mask=attention_mask, **inputs)
+            return self._pool(output.last_hidden_state, attention_mask, lengths)
+        order = torch.argsort(lengths, stable=True)
+        parts = []
+        for rows in order.chunk(k):
+            width = int(lengths[rows].max())
+            mask = attention_mask[rows, :width]
+            output = self.backbone(attention_mask=mask, **{key: value[rows, :width] for key, value in inputs.items()})
+            parts.append(self._pool(output.last_hidden_state, mask, lengths[rows]))
+        return torch.cat(parts)[torch.argsort(order)]
 
     def _pool(self, hidden, attention_mask, lengths):
         """The user state ``[B, H]`` from the prompt's hidden states (``user_pooling``)."""
@@ -255,11 +277,9 @@ class LLMRec(SequentialRecommender):
             input_ids, attention_mask, lengths, owners = self.prompt_builder(item_seq, item_seq_len, return_items=True)
             embeds = self.backbone.get_input_embeddings()(input_ids)
             ids = self.history_id_proj(self.history_id_embedding(owners))  # 0 on template and padding tokens
-            output = self.backbone(inputs_embeds=embeds + ids.to(embeds.dtype), attention_mask=attention_mask)
-        else:
-            input_ids, attention_mask, lengths = self.build_prompts(item_seq, item_seq_len)
-            output = self.backbone(input_ids=input_ids, attention_mask=attention_mask)
-        return self._pool(output.last_hidden_state, attention_mask, lengths)
+            return self._prompt_states(attention_mask, lengths, inputs_embeds=embeds + ids.to(embeds.dtype))
+        input_ids, attention_mask, lengths = self.build_prompts(item_seq, item_seq_len)
+        return self._prompt_states(attention_mask, lengths, input_ids=input_ids)
 
     def encode_sequence(self, interaction):
         """Backbone part: the LLM's hidden state at each prompt's last token, ``[B, H]``."""
