@@ -412,3 +412,22 @@ def test_grounding_runs_end_to_end_with_full_rank_metrics(tiny_gen):
                   metrics=["Hit", "NDCG", "MRR", "TailMRR", "HeadMRR", "TailNDCG"])
     result = run("LLMRecGen", "tiny", config_dict=config)
     assert 0.0 < result["test_result"]["tailmrr"] <= 1.0 and 0.0 < result["test_result"]["headmrr"] <= 1.0
+
+
+@pytest.mark.parametrize("tau", [0.0, 0.7])
+def test_length_groups_give_the_same_losses_and_gradients(tiny_gen, tau):
+    model, _, (train, _, _) = build(tiny_gen)
+    batch = first(train)
+    lengths = model.teacher_forcing_inputs(batch, batch[model.POS_ITEM_ID])[1].sum(1)
+    assert lengths.unique().numel() > 3  # groups of different widths
+    results = {}
+    for buckets in (1, 4):
+        model.prompt_length_buckets = buckets
+        model.zero_grad()
+        losses = model.calculate_sample_losses(batch, tau)[0]
+        losses.sum().backward()
+        results[buckets] = (losses.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert torch.allclose(results[1][0], results[4][0], rtol=1e-5, atol=1e-5)
+    assert results[1][1].keys() == results[4][1].keys() and results[1][1]
+    for name, grad in results[1][1].items():
+        assert torch.allclose(grad, results[4][1][name], rtol=1e-4, atol=1e-5), name

@@ -88,6 +88,9 @@ class LLMRecGen(SequentialRecommender):
         if self.inference not in ("beam", "grounding"):
             raise ValueError(f"gen_inference must be 'beam' or 'grounding', got {self.inference!r}.")
         self.item_encode_batch_size = int(config["item_encode_batch_size"])
+        self.prompt_length_buckets = int(config["prompt_length_buckets"])
+        if self.prompt_length_buckets < 1:
+            raise ValueError(f"prompt_length_buckets must be at least 1, got {self.prompt_length_buckets}.")
         self._item_embeddings = None  # grounding's item embeddings, dropped whenever training resumes
         self.num_beams = int(config["num_beams"])
         topk = [int(k) for k in (config["topk"] or [])]
@@ -202,14 +205,22 @@ class LLMRecGen(SequentialRecommender):
     def _teacher_forced(self, interaction, items):
         """Hidden states predicting each target token: ``(hidden [N, H], labels [N], row [N],
         k [N])`` with ``labels`` indices of the output vocabulary and ``k`` the token's index
-        within its title."""
+        within its title. With ``prompt_length_buckets`` k > 1 the sequences run in k groups of
+        similar length, each cut to its own longest (the same states: right-padded, causal)."""
         ids, mask, marks = self.teacher_forcing_inputs(interaction, items)
         decoder, _ = self._decoder_and_head()
-        hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state  # [B, L, H]
-        is_label = marks[:, 1:].bool() & mask[:, 1:].bool()  # token p+1 is a target token
-        rows = torch.nonzero(is_label, as_tuple=True)[0]
-        k = (torch.cumsum(is_label.long(), dim=1) - 1)[is_label]
-        return hidden[:, :-1][is_label], self.to_out[ids[:, 1:][is_label]], rows, k
+        lengths = mask.sum(1)
+        groups = torch.argsort(lengths, stable=True).chunk(min(self.prompt_length_buckets, ids.size(0)))
+        parts = []
+        for group in groups:
+            width = int(lengths[group].max())
+            g_ids, g_mask, g_marks = ids[group, :width], mask[group, :width], marks[group, :width]
+            hidden = decoder(input_ids=g_ids, attention_mask=g_mask).last_hidden_state  # [b, width, H]
+            is_label = g_marks[:, 1:].bool() & g_mask[:, 1:].bool()  # token p+1 is a target token
+            rows = group[torch.nonzero(is_label, as_tuple=True)[0]]
+            k = (torch.cumsum(is_label.long(), dim=1) - 1)[is_label]
+            parts.append((hidden[:, :-1][is_label], self.to_out[g_ids[:, 1:][is_label]], rows, k))
+        return tuple(torch.cat(column) for column in zip(*parts))
 
     def sequence_losses(self, interaction, items, tau=0.0):
         """Per-sample loss ``[B]`` of writing ``items``' titles after the batch's prompts."""
