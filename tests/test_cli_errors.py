@@ -302,24 +302,25 @@ def test_quantization_needs_cuda_bitsandbytes_and_a_model_folder(monkeypatch):
         quantization_config("4bit", "cuda", gguf_file="m.gguf")
 
 
-@pytest.mark.parametrize("value, kept", [(None, 2), (1, 1), (5, 2)])
-def test_llm_num_layers_keeps_the_first_layers(value, kept):
+def _two_layer_llama():
     from transformers import LlamaConfig, LlamaModel
 
+    return LlamaModel(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                  num_key_value_heads=1, vocab_size=50))
+
+
+@pytest.mark.parametrize("value, kept", [(None, 2), (1, 1), (5, 2)])
+def test_llm_num_layers_keeps_the_first_layers(value, kept):
     from recbole_eisam.model.llm_backbone import keep_first_layers
 
-    model = LlamaModel(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                   num_key_value_heads=1, vocab_size=50))
+    model = _two_layer_llama()
     assert keep_first_layers(model, value) == kept == len(model.layers) == model.config.num_hidden_layers
 
 
 @pytest.mark.parametrize("value", ["~x", "two", 2.5, True, 0])
 def test_a_bad_llm_num_layers_is_one_sentence_naming_the_key(value):
-    from transformers import LlamaConfig, LlamaModel
-
     from recbole_eisam.model.llm_backbone import keep_first_layers
 
-    model = LlamaModel(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                   num_key_value_heads=1, vocab_size=50))
+    model = _two_layer_llama()
     with pytest.raises(ValueError, match="llm_num_layers must be"):
         keep_first_layers(model, value)

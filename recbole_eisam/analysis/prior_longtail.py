@@ -137,10 +137,9 @@ def model_prior_scores(model, batch_size=32):
             model.ITEM_SEQ: torch.zeros(len(items), model.max_seq_length, dtype=torch.long),
             model.ITEM_SEQ_LEN: torch.zeros(len(items), dtype=torch.long),
         }).to(model.device)
-        total = model.prior_title_log_likelihood(empty, items.to(model.device)).float().cpu()
-        if model.loss_reduction == "mean":
-            total = total * lengths[items]
-        scores[items.numpy() - 1] = (total / lengths[items]).numpy()
+        likelihood = model.prior_title_log_likelihood(empty, items.to(model.device)).float().cpu()
+        per_token = likelihood if model.loss_reduction == "mean" else likelihood / lengths[items]
+        scores[items.numpy() - 1] = per_token.numpy()
     return scores
 
 

@@ -18,7 +18,8 @@ without gradients; ``N`` the decoder's non-embedding parameters, attention's ``T
 added), the model FLOPs utilisation against ``--peak_tflops`` (by default the device's bf16
 dense peak from :data:`PEAK_TFLOPS`), and the peak memory. Then it checks that one EISAM step
 of a tiny float32 model, taken with plain SGD so that the change is the update itself, changes
-the weights the same way on the GPU as on the CPU (largest difference, against ``1e-5``). The last line of stdout is one JSON object.
+the weights the same way on the GPU as on the CPU (largest difference, against ``1e-5``). The
+last line of stdout is one JSON object.
 """
 
 import os

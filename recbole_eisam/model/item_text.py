@@ -105,6 +105,24 @@ def _padded(rows, max_len=None, pad=0):
     return ids, lens
 
 
+def length_buckets(config):
+    """``prompt_length_buckets`` of ``config``, checked (at least 1)."""
+    k = int(config["prompt_length_buckets"])
+    if k < 1:
+        raise ValueError(f"prompt_length_buckets must be at least 1, got {k}.")
+    return k
+
+
+def length_groups(lengths, k):
+    """Rows of a right-padded batch in ``k`` groups of similar length: ``[(rows, width)]`` with
+    ``width`` the group's longest length, so that each group can be cut to ``[:, :width]``. Rows
+    are sorted by length, stably (two passes over one batch group it alike); with ``k`` 1, one
+    group of every row in batch order. A right-padded, causal sequence's states do not depend on
+    the padding after it, so the groups give the states of the whole batch."""
+    order = torch.argsort(lengths, stable=True) if k > 1 else torch.arange(lengths.numel(), device=lengths.device)
+    return [(rows, int(lengths[rows].max())) for rows in order.chunk(min(k, lengths.numel()))]
+
+
 def pack_right(pieces, masks):
     """Concatenate token pieces, move real tokens to the left, cut to the longest row.
 

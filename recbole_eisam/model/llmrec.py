@@ -89,9 +89,7 @@ class LLMRec(SequentialRecommender):
         self.use_item_id_tokens = bool(config["item_id_tokens"])
         self.llm_frozen = bool(config["llm_frozen"])
         self.attn_implementation = config["llm_attn_implementation"]
-        self.prompt_length_buckets = int(config["prompt_length_buckets"])
-        if self.prompt_length_buckets < 1:
-            raise ValueError(f"prompt_length_buckets must be at least 1, got {self.prompt_length_buckets}.")
+        self.prompt_length_buckets = it.length_buckets(config)
         if self.llm_frozen and self.use_item_id_tokens:
             raise ValueError(
                 "llm_frozen=True computes each prompt's state once with the frozen LLM, so the prompt "
@@ -244,23 +242,18 @@ class LLMRec(SequentialRecommender):
 
     def _prompt_states(self, attention_mask, lengths, input_ids=None, inputs_embeds=None):
         """The backbone's pooled state of each right-padded prompt, ``[B, H]``. With
-        ``prompt_length_buckets`` k > 1 the prompts run in k groups of similar length (sorted,
-        stably), each cut to its own longest prompt: the states are the same, since a prompt is
-        right-padded and its attention causal, and the padded positions the LLM computes shrink
-        (bench.gpu's batch with gpu.yaml: 1.85 positions per real token in one group)."""
-        k = min(self.prompt_length_buckets, lengths.numel())
+        ``prompt_length_buckets`` k > 1 the prompts run in k groups of similar length, each cut to
+        its own longest prompt (:func:`~recbole_eisam.model.item_text.length_groups`): the same
+        states, fewer padded positions (bench.gpu's batch with gpu.yaml: 1.85 positions per real
+        token in one group)."""
         inputs = {"input_ids": input_ids} if input_ids is not None else {"inputs_embeds": inputs_embeds}
-        if k <= 1:
-            output = self.backbone(attention_mask=attention_mask, **inputs)
-            return self._pool(output.last_hidden_state, attention_mask, lengths)
-        order = torch.argsort(lengths, stable=True)
+        groups = it.length_groups(lengths, self.prompt_length_buckets)
         parts = []
-        for rows in order.chunk(k):
-            width = int(lengths[rows].max())
+        for rows, width in groups:
             mask = attention_mask[rows, :width]
             output = self.backbone(attention_mask=mask, **{key: value[rows, :width] for key, value in inputs.items()})
             parts.append(self._pool(output.last_hidden_state, mask, lengths[rows]))
-        return torch.cat(parts)[torch.argsort(order)]
+        return torch.cat(parts)[torch.argsort(torch.cat([rows for rows, _ in groups]))]
 
     def _pool(self, hidden, attention_mask, lengths):
         """The user state ``[B, H]`` from the prompt's hidden states (``user_pooling``)."""

@@ -88,9 +88,7 @@ class LLMRecGen(SequentialRecommender):
         if self.inference not in ("beam", "grounding"):
             raise ValueError(f"gen_inference must be 'beam' or 'grounding', got {self.inference!r}.")
         self.item_encode_batch_size = int(config["item_encode_batch_size"])
-        self.prompt_length_buckets = int(config["prompt_length_buckets"])
-        if self.prompt_length_buckets < 1:
-            raise ValueError(f"prompt_length_buckets must be at least 1, got {self.prompt_length_buckets}.")
+        self.prompt_length_buckets = it.length_buckets(config)
         self._item_embeddings = None  # grounding's item embeddings, dropped whenever training resumes
         self.num_beams = int(config["num_beams"])
         topk = [int(k) for k in (config["topk"] or [])]
@@ -206,14 +204,11 @@ class LLMRecGen(SequentialRecommender):
         """Hidden states predicting each target token: ``(hidden [N, H], labels [N], row [N],
         k [N])`` with ``labels`` indices of the output vocabulary and ``k`` the token's index
         within its title. With ``prompt_length_buckets`` k > 1 the sequences run in k groups of
-        similar length, each cut to its own longest (the same states: right-padded, causal)."""
+        similar length, each cut to its own longest (:func:`~recbole_eisam.model.item_text.length_groups`)."""
         ids, mask, marks = self.teacher_forcing_inputs(interaction, items)
         decoder, _ = self._decoder_and_head()
-        lengths = mask.sum(1)
-        groups = torch.argsort(lengths, stable=True).chunk(min(self.prompt_length_buckets, ids.size(0)))
         parts = []
-        for group in groups:
-            width = int(lengths[group].max())
+        for group, width in it.length_groups(mask.sum(1), self.prompt_length_buckets):
             g_ids, g_mask, g_marks = ids[group, :width], mask[group, :width], marks[group, :width]
             hidden = decoder(input_ids=g_ids, attention_mask=g_mask).last_hidden_state  # [b, width, H]
             is_label = g_marks[:, 1:].bool() & g_mask[:, 1:].bool()  # token p+1 is a target token
