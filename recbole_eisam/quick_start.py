@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from recbole.config import Config
-from recbole.data import create_dataset, data_preparation
+from recbole.data import create_dataset
 from recbole.data.dataloader import FullSortEvalDataLoader
 from recbole.utils import get_model, init_logger, init_seed
 
@@ -34,6 +34,7 @@ from recbole_eisam.errors import DatasetNotFoundError, EISAMError, TrainingInter
 from recbole_eisam.evaluator.collector import target_rank
 from recbole_eisam.registry import trainer_class
 from recbole_eisam.trainer import EISAMTrainer
+from recbole_eisam.utils.windows import prepare_data
 from recbole_eisam.validation import check_yaml_file, hold_console_log, validate_config, validate_dataset
 
 
@@ -212,7 +213,7 @@ def run(
         data = build_dataset(config)
         validate_dataset(config, data)
     logger.info(data)
-    train_data, valid_data, test_data = data_preparation(config, data)
+    train_data, valid_data, test_data = prepare_data(config, data)
 
     init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
     recommender = get_model(config["model"])(config, train_data._dataset).to(config["device"])

@@ -35,6 +35,7 @@ from recbole_eisam.model import LLMRec, LLMRecGen
 from recbole_eisam.registry import trainer_class
 from recbole_eisam.trainer.settings import NUMBER_KEYS, resolve_settings
 from recbole_eisam.utils.longtail import num_head_items
+from recbole_eisam.utils.windows import windows_per_user
 
 #: the column types of RecBole's atomic files (``recbole.utils.FeatureType``)
 FEATURE_TYPES = ("token", "token_seq", "float", "float_seq")
@@ -62,6 +63,7 @@ def validate_config(config):
     nproc = _value(config, "nproc")
     if nproc is not None and (not _is_number(nproc) or int(nproc) != nproc or nproc < 1):
         raise EISAMError(f"nproc must be an integer >= 1 (the number of training processes), got {nproc!r}.")
+    windows_per_user(config)
     resolve_settings(config)  # train_method, eisam_weight, eisam_rho, eisam_lambda, ...
     _check_trainer(config)
     if _is_llmrec(config):

@@ -43,7 +43,6 @@ import warnings
 import numpy as np
 import pandas as pd
 import torch
-from recbole.data import data_preparation
 from recbole.utils import get_model
 from scipy import stats
 
@@ -52,6 +51,7 @@ from recbole_eisam.cli import build_parser, config_files_option, main_guard, par
 from recbole_eisam.model.item_text import extract_item_texts
 from recbole_eisam.model.llm_backbone import resolve_model_source
 from recbole_eisam.quick_start import build_dataset, load_config
+from recbole_eisam.utils.windows import prepare_data
 
 DEFAULT_PROMPT = "Title:"
 CELLS = (("head", "head"), ("head", "tail"), ("tail", "head"), ("tail", "tail"))  # (prior, data)
@@ -231,7 +231,7 @@ def run_study(model, dataset, config_file_list=None, config_dict=None, llm=None,
 
     config = load_config(model, dataset, config_file_list, config_dict)
     data = build_dataset(config)
-    train_data, _, _ = data_preparation(config, data)
+    train_data, _, _ = prepare_data(config, data)
     head_ratio = float(config["head_ratio"])
     fields = list(text_fields) if text_fields else default_text_fields(config, data)
     items = item_table(data, train_data._dataset, head_ratio, fields)

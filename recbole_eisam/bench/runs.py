@@ -14,11 +14,11 @@ import subprocess
 import sys
 import tempfile
 
-from recbole.data import data_preparation
 from recbole.utils.logger import RemoveColorFilter
 
 from recbole_eisam.analysis.topk import item_stats_from_dataset
 from recbole_eisam.quick_start import build_dataset, load_config, run
+from recbole_eisam.utils.windows import prepare_data
 
 RESULTS_FILE = "results.csv"
 TUNING_FILE = "tuning.csv"
@@ -189,5 +189,5 @@ def compute_item_stats(model, dataset, config_files, overrides):
     """Item statistics of the training split the runs of ``model`` see (a pandas DataFrame)."""
     config = load_config(model, dataset, list(config_files) or None, overrides)
     data = build_dataset(config)
-    train_data, _, _ = data_preparation(config, data)
+    train_data, _, _ = prepare_data(config, data)
     return item_stats_from_dataset(train_data._dataset, config["head_ratio"])

@@ -15,13 +15,13 @@ import sys
 import time
 
 import torch
-from recbole.data import data_preparation
 from recbole.utils import get_model, init_seed
 
 from recbole_eisam.cli import build_parser
 from recbole_eisam.errors import EISAMError
 from recbole_eisam.quick_start import build_dataset, load_config
 from recbole_eisam.registry import trainer_class
+from recbole_eisam.utils.windows import prepare_data
 
 
 # --------------------------------------------------------------------------- memory
@@ -188,7 +188,7 @@ def setup(model_name, dataset_name, config_file_list, config_dict, n_steps):
     config = load_config(model_name, dataset_name, config_file_list, config_dict)
     init_seed(config["seed"], config["reproducibility"])
     dataset = build_dataset(config)
-    train_data, _, test_data = data_preparation(config, dataset)
+    train_data, _, test_data = prepare_data(config, dataset)
     init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
     model = get_model(config["model"])(config, train_data._dataset).to(config["device"])
     snapshot = TrainableSnapshot(model)

@@ -18,16 +18,26 @@ import math
 
 import torch
 
+#: attribute of a training set whose rows were capped (utils/windows.py): the full split's counts
+TRAINING_COUNTS = "training_item_counts"
+
 
 def item_counts(dataset, num_items=None):
     """Training frequency of every item as a ``LongTensor`` indexed by internal item id.
 
     Args:
         dataset: the training split (a RecBole ``Dataset``; for sequential models the
-            augmented one, whose first-interaction rows are counted back in).
+            augmented one, whose first-interaction rows are counted back in; a set capped by
+            ``train_windows_per_user`` carries the whole split's counts).
         num_items (int, optional): length of the result; defaults to ``dataset.item_num``.
     """
     num_items = dataset.item_num if num_items is None else num_items
+    full = getattr(dataset, TRAINING_COUNTS, None)
+    if full is not None:  # a capped training set: its split's every interaction was counted
+        counts = torch.zeros(num_items, dtype=torch.long)
+        n = min(num_items, full.numel())
+        counts[:n] = full[:n]
+        return counts
     counts = torch.zeros(num_items, dtype=torch.long)
     for item, n in dataset.item_counter.items():
         counts[int(item)] = int(n)
