@@ -273,3 +273,28 @@ def test_grid_refuses_a_folder_made_with_other_settings(tmp_path, fake, monkeypa
     layer.write_text("epochs: 6\n")
     Benchmark(_grid(), str(tmp_path / "new"), log=lambda *_: None).run()
     assert len(later.calls) == 2 * EXPECTED_RUNS - 3
+
+
+def _append_many(path, start, count):
+    from recbole_eisam.bench.runs import append_row
+
+    for i in range(start, start + count):
+        append_row(path, {"dataset": "toy", "model": "A", "method": "erm", "seed": i, "signature": "s"})
+
+
+def test_parallel_appends_keep_every_row(tmp_path):
+    """Two grids split by --methods into one folder append to one results.csv at once."""
+    import multiprocessing
+
+    from recbole_eisam.bench.runs import read_rows
+
+    path = str(tmp_path / "results.csv")
+    context = multiprocessing.get_context("fork")
+    workers = [context.Process(target=_append_many, args=(path, start, 60)) for start in (0, 1000)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert [worker.exitcode for worker in workers] == [0, 0]
+    seeds = sorted(int(row["seed"]) for row in read_rows(path))
+    assert seeds == list(range(0, 60)) + list(range(1000, 1060))

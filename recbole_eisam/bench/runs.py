@@ -1,11 +1,13 @@
 """One run of the benchmark: executing it (in this process or a fresh one), its log, its row.
 
 Rows are appended to ``results.csv`` (final runs) or ``tuning.csv`` (validation candidates),
-one per run, written atomically: a stopped grid loses at most the run in progress.
+one per run, written atomically: a stopped grid loses at most the run in progress. Grids
+split by ``--methods`` may run as parallel processes into one folder: appends hold a lock.
 """
 
 import csv
 import datetime
+import fcntl
 import gc
 import json
 import logging
@@ -37,21 +39,27 @@ def read_rows(path):
 
 
 def append_row(path, row):
-    """Append ``row`` to a CSV file, widening the header when the row brings new columns."""
-    rows = read_rows(path)
-    header = list(rows[0].keys()) if rows else []
-    for key in row:
-        if key not in header:
-            header.append(key)
-    rows.append(row)
+    """Append ``row`` to a CSV file, widening the header when the row brings new columns.
+
+    The read-modify-replace holds an exclusive lock on ``<path>.lock``, so two processes
+    appending to one file at once both keep their rows.
+    """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    with os.fdopen(fd, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=header, restval="")
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
+    with open(path + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        rows = read_rows(path)
+        header = list(rows[0].keys()) if rows else []
+        for key in row:
+            if key not in header:
+                header.append(key)
+        rows.append(row)
+        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+        with os.fdopen(fd, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=header, restval="")
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, path)
 
 
 def _cell(value):
