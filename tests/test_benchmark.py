@@ -96,6 +96,20 @@ def test_grid_tunes_on_validation_and_derives_ablations(tmp_path, fake):
     assert os.path.isfile(os.path.join(out, "REPORT.md")) is False  # the CLI builds it, not run()
 
 
+def test_budget_of_one_runs_its_candidate_without_tuning(tmp_path, fake):
+    """A one-candidate budget (a configuration carried from another dataset's validation)
+    runs that configuration on every seed, with no tuning run, and the plan says so."""
+    grid = _grid(methods=["erm", "sam"], reference_models=[], budget=1, tuning={"sam": [{"eisam_rho": 0.01}]})
+    bench = Benchmark(grid, str(tmp_path / "out"), log=lambda *_: None)
+    assert "fixed: eisam_rho=0.01" in bench.describe() and "at most 4 runs" in bench.describe()
+    assert bench.run() == []
+    assert sorted((m, s, st) for _, m, s, _, st in fake.calls) == [
+        ("erm", 1, "final"), ("erm", 2, "final"), ("sam", 1, "final"), ("sam", 2, "final")]
+    results = pd.read_csv(os.path.join(str(tmp_path / "out"), "results.csv"))
+    assert {json.loads(p)["eisam_rho"] for p in results.loc[results["method"] == "sam", "params"]} == {0.01}
+    assert not os.path.isfile(os.path.join(str(tmp_path / "out"), "tuning.csv"))
+
+
 def test_resume_does_not_repeat_finished_runs(tmp_path, fake, monkeypatch):
     out = str(tmp_path / "out")
     first = FakeRuns(stop_after=5)

@@ -275,12 +275,14 @@ class Benchmark:
         for model, methods in self.plan():
             for method in methods:
                 preset = METHODS[method]
-                n = 0 if preset.inherit_from else len(self.grid.candidates(model, method))
-                tuning = n if n > 1 else 0
+                candidates = [] if preset.inherit_from else self.grid.candidates(model, method)
+                tuning = len(candidates) if len(candidates) > 1 else 0
                 finals = len(self.grid.seeds) - (1 if tuning and self.grid.tune_seed in self.grid.seeds else 0)
                 total += tuning + finals
+                fixed = ", ".join(f"{k}={v}" for k, v in sorted(candidates[0].items())) if len(candidates) == 1 else ""
                 how = (f"params from {preset.inherit_from}'s tuning" if preset.inherit_from
-                       else f"{n} candidates on validation (seed {self.grid.tune_seed})" if tuning else "no tuning")
+                       else f"{tuning} candidates on validation (seed {self.grid.tune_seed})" if tuning
+                       else f"fixed: {fixed}" if fixed else "no tuning")
                 lines.append(f"  {model:10s} {method:15s} {how}; seeds {self.grid.seeds}")
         lines.append(f"  at most {total} runs (fewer when resuming)")
         return "\n".join(lines)
