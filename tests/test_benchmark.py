@@ -2,6 +2,11 @@
 
 import json
 import os
+import socket
+import subprocess
+import sys
+import threading
+import time
 
 import pandas as pd
 import pytest
@@ -9,6 +14,7 @@ import pytest
 from recbole_eisam.bench import benchmark
 from recbole_eisam.bench import grid as grid_module
 from recbole_eisam.bench.benchmark import Benchmark, Grid, GridError
+from recbole_eisam.bench.runs import append_row, make_row
 
 
 def _grid(**changes):
@@ -312,3 +318,50 @@ def test_parallel_appends_keep_every_row(tmp_path):
     assert [worker.exitcode for worker in workers] == [0, 0]
     seeds = sorted(int(row["seed"]) for row in read_rows(path))
     assert seeds == list(range(0, 60)) + list(range(1000, 1060))
+
+
+def test_claimed_runs_are_left_to_the_process_running_them(tmp_path, fake):
+    """Two grid processes in one folder: a final run another live process has claimed is left
+    to it, a validation run is waited for (its row then decides the choice), and a claim left
+    by a process that has ended is taken over."""
+    out = str(tmp_path / "out")
+    bench = Benchmark(_grid(methods=["erm", "sam"], reference_models=[]), out, log=lambda *_: None)
+    bench.CLAIM_POLL_SECONDS = 0.05
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+
+    def claim(spec, pid):
+        path = os.path.join(out, spec.file_stem() + ".claim")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            f.write(f"{socket.gethostname()} {pid}\n")
+        return path
+
+    held_final = claim(bench.spec("A", "erm", 2, {}, "final"), other.pid)
+    claim(bench.spec("A", "erm", 1, {}, "final"), ended.pid)
+    tune = bench.spec("A", "sam", 1, {"eisam_rho": 0.01}, "tune")
+    held_tune = claim(tune, other.pid)
+
+    def the_other_process_finishes_its_validation_run():
+        time.sleep(0.3)
+        result = {"best_valid_score": 0.5, "best_valid_result": {"ndcg@10": 0.5}, "test_result": {"ndcg@10": 0.6}}
+        append_row(bench.tuning_path, make_row(tune, result, 1.0, "x.topk.tsv", "item_stats/x.tsv", "NDCG@10", "m"))
+        os.remove(held_tune)
+
+    finisher = threading.Thread(target=the_other_process_finishes_its_validation_run)
+    finisher.start()
+    try:
+        assert bench.run() == []
+    finally:
+        finisher.join()
+        other.kill()
+        other.wait()
+    calls = {(method, seed, params, stage) for _, method, seed, params, stage in fake.calls}
+    assert ("erm", 2, "{}", "final") not in calls  # left to the live process
+    assert ("erm", 1, "{}", "final") in calls  # the ended process's claim taken over
+    assert ("sam", 1, '{"eisam_rho": 0.01}', "tune") not in calls  # waited for, not repeated
+    # the waited-for row (validation 0.5) beats the other candidate (0.05): the choice used it
+    assert ("sam", 2, '{"eisam_rho": 0.01}', "final") in calls
+    claims = [os.path.join(d, n) for d, _, names in os.walk(out) for n in names if n.endswith(".claim")]
+    assert claims == [held_final]  # this process released its own, never another's

@@ -42,6 +42,11 @@ data, model and trainer from scratch and re-seeds every RNG, so runs do not leak
 each other, and the imports (torch, transformers) are paid once. ``--isolate`` runs each in
 a fresh Python process instead (for long LLM grids where memory fragmentation or a native
 crash would otherwise end the whole grid).
+
+Parallel grids: several processes may run into one folder at once (say one thread each on a
+small CPU). Rows are appended under a lock, and each run holds ``<run>.claim`` while it
+trains: a process that meets another's claim leaves that final run to it, and waits for a
+validation run (the choice needs its score). A claim whose process has ended is taken over.
 """
 
 import datetime
@@ -64,7 +69,9 @@ from recbole_eisam.bench.runs import (
     execute_run,
     make_row,
     read_rows,
+    release_claim,
     row_key,
+    try_claim,
 )
 from recbole_eisam.cli import build_parser, main_guard, parse_overrides
 from recbole_eisam.methods import METHODS, REFERENCE_METHOD
@@ -75,6 +82,9 @@ from recbole_eisam.utils.machine import machine_description
 # --------------------------------------------------------------------------- the grid
 class Benchmark:
     """Runs a :class:`Grid` into an output folder; see the module docstring."""
+
+    #: how often a process waits on a validation run that another process holds
+    CLAIM_POLL_SECONDS = 30
 
     def __init__(self, grid, out, overrides=None, isolate=False, log=print, allow_mixed_machines=False):
         self.grid = grid.validate()
@@ -139,6 +149,19 @@ class Benchmark:
                 self.log(f"  = {spec.label()}: reused from the tuning run")
                 return row
         stem = spec.file_stem()
+        claim = os.path.join(self.out, stem + ".claim")
+        while not try_claim(claim):  # another grid process is running it
+            if spec.stage == "final":
+                self.log(f"  - {spec.label()}: running in another process, left to it")
+                return None
+            time.sleep(self.CLAIM_POLL_SECONDS)  # a validation run: the choice needs its score
+        try:
+            row = self._done(store_path).get(spec.key)  # finished while this process looked
+            return row if row is not None else self._execute(spec, stem, store_path, item_stats)
+        finally:
+            release_claim(claim)
+
+    def _execute(self, spec, stem, store_path, item_stats):
         topk_rel, result_rel = stem + ".topk.tsv", stem + ".json"
         self.executed += 1
         self.log(f"[run {self.executed}] {spec.stage}: {spec.label()} ...")

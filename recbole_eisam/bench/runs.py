@@ -1,8 +1,9 @@
 """One run of the benchmark: executing it (in this process or a fresh one), its log, its row.
 
 Rows are appended to ``results.csv`` (final runs) or ``tuning.csv`` (validation candidates),
-one per run, written atomically: a stopped grid loses at most the run in progress. Grids
-split by ``--methods`` may run as parallel processes into one folder: appends hold a lock.
+one per run, written atomically: a stopped grid loses at most the run in progress. Parallel
+grid processes may share one folder: appends hold a lock, and a run in progress holds a claim
+file (:func:`try_claim`), so a second process never starts the same run.
 """
 
 import csv
@@ -12,6 +13,7 @@ import gc
 import json
 import logging
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -25,6 +27,55 @@ from recbole_eisam.utils.windows import prepare_data
 RESULTS_FILE = "results.csv"
 TUNING_FILE = "tuning.csv"
 FAILURES_FILE = "failures.log"
+
+
+def try_claim(path):
+    """Take ``path``, the claim of one run, for this process; False while another live process
+    holds it. A claim names its host and process id; one left by a process that has ended (a
+    killed grid) is stale and taken over. Release it with :func:`release_claim`."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            if _claim_alive(path):
+                return False
+            try:
+                os.remove(path)
+            except FileNotFoundError:
+                pass
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{socket.gethostname()} {os.getpid()}\n")
+        return True
+    return False
+
+
+def release_claim(path):
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+def _claim_alive(path):
+    try:
+        with open(path) as f:
+            host, pid = f.read().split()
+        pid = int(pid)
+    except FileNotFoundError:
+        return False
+    except (OSError, ValueError):  # being written this instant, or not ours to judge
+        return True
+    if host != socket.gethostname():  # another machine's process: cannot be checked, so held
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def row_key(row):
