@@ -365,3 +365,21 @@ def test_claimed_runs_are_left_to_the_process_running_them(tmp_path, fake):
     assert ("sam", 2, '{"eisam_rho": 0.01}', "final") in calls
     claims = [os.path.join(d, n) for d, _, names in os.walk(out) for n in names if n.endswith(".claim")]
     assert claims == [held_final]  # this process released its own, never another's
+
+
+def test_a_broken_claim_is_held_briefly_then_stale(tmp_path):
+    """A claim file without its owner line is being written (held), unless it is old: a
+    process that died between creating and writing it must not block the run for ever."""
+    from recbole_eisam.bench.runs import release_claim, try_claim
+
+    path = str(tmp_path / "runs" / "x.claim")
+    os.makedirs(os.path.dirname(path))
+    open(path, "w").close()
+    assert not try_claim(path)
+    old = time.time() - 120
+    os.utime(path, (old, old))
+    assert try_claim(path)
+    with open(path) as f:
+        assert f.read().split() == [socket.gethostname(), str(os.getpid())]
+    release_claim(path)
+    assert not os.path.exists(path)

@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 
 from recbole.utils.logger import RemoveColorFilter
 
@@ -65,8 +66,11 @@ def _claim_alive(path):
         pid = int(pid)
     except FileNotFoundError:
         return False
-    except (OSError, ValueError):  # being written this instant, or not ours to judge
-        return True
+    except (OSError, ValueError):  # being written this instant; left broken, stale after a minute
+        try:
+            return time.time() - os.path.getmtime(path) < 60
+        except OSError:
+            return False
     if host != socket.gethostname():  # another machine's process: cannot be checked, so held
         return True
     try:
