@@ -14,7 +14,7 @@ import pytest
 from recbole_eisam.bench import benchmark
 from recbole_eisam.bench import grid as grid_module
 from recbole_eisam.bench.benchmark import Benchmark, Grid, GridError
-from recbole_eisam.bench.runs import append_row, make_row
+from recbole_eisam.bench.runs import append_row, make_row, release_claim, try_claim
 
 
 def _grid(**changes):
@@ -370,8 +370,6 @@ def test_claimed_runs_are_left_to_the_process_running_them(tmp_path, fake):
 def test_a_broken_claim_is_held_briefly_then_stale(tmp_path):
     """A claim file without its owner line is being written (held), unless it is old: a
     process that died between creating and writing it must not block the run for ever."""
-    from recbole_eisam.bench.runs import release_claim, try_claim
-
     path = str(tmp_path / "runs" / "x.claim")
     os.makedirs(os.path.dirname(path))
     open(path, "w").close()

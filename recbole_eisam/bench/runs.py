@@ -41,10 +41,7 @@ def try_claim(path):
         except FileExistsError:
             if _claim_alive(path):
                 return False
-            try:
-                os.remove(path)
-            except FileNotFoundError:
-                pass
+            release_claim(path)  # stale
             continue
         with os.fdopen(fd, "w") as f:
             f.write(f"{socket.gethostname()} {os.getpid()}\n")
