@@ -182,7 +182,13 @@ def test_shipped_grid_files_are_valid():
         if method in ("sam", "imbsam", "eisam", "eisam_la", "eisam_rw"):  # lambda is tuned like rho
             assert len({c["eisam_lambda"] for c in candidates}) > 1, method
     assert grid.candidates("SASRec", "erm") == [{}]
-    Grid.from_file(os.path.join(grid_module.GRID_DIR, "smoke.yaml")).validate()
+    grid_files = [name for name in sorted(os.listdir(grid_module.GRID_DIR))
+                  if name.endswith(".yaml") and not name.startswith(("tuning", "protocol"))]
+    assert "classic-ml-1m-sas.yaml" in grid_files and "smoke.yaml" in grid_files
+    for name in grid_files:  # every shipped grid loads its tuning and config files and passes the checks
+        Grid.from_file(os.path.join(grid_module.GRID_DIR, name)).validate()
+    carried = Grid.from_file(os.path.join(grid_module.GRID_DIR, "classic-ml-1m-sas.yaml")).validate()
+    assert carried.budget == 1 and carried.candidates("GRU4Rec", "eisam")[0]["eisam_rho"] == 0.05
 
 
 def test_real_tiny_grid_end_to_end(tmp_path, tiny_config_dict, monkeypatch):
