@@ -28,6 +28,8 @@ from recbole_eisam.utils.windows import prepare_data
 RESULTS_FILE = "results.csv"
 TUNING_FILE = "tuning.csv"
 FAILURES_FILE = "failures.log"
+#: a claim file still without its owner line after this long was left by a process that died writing it
+BROKEN_CLAIM_SECONDS = 60
 
 
 def try_claim(path):
@@ -65,7 +67,7 @@ def _claim_alive(path):
         return False
     except (OSError, ValueError):  # being written this instant; left broken, stale after a minute
         try:
-            return time.time() - os.path.getmtime(path) < 60
+            return time.time() - os.path.getmtime(path) < BROKEN_CLAIM_SECONDS
         except OSError:
             return False
     if host != socket.gethostname():  # another machine's process: cannot be checked, so held
