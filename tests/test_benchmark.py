@@ -187,8 +187,15 @@ def test_shipped_grid_files_are_valid():
     assert "classic-ml-1m-sas.yaml" in grid_files and "smoke.yaml" in grid_files
     # every shipped grid loads its tuning and config files and passes the checks
     grids = {name: Grid.from_file(os.path.join(grid_module.GRID_DIR, name)).validate() for name in grid_files}
-    carried = grids["classic-ml-1m-sas.yaml"]
-    assert carried.budget == 1 and carried.candidates("GRU4Rec", "eisam")[0]["eisam_rho"] == 0.05
+    classic = [name for name in grid_files if name.startswith("classic-")]
+    assert len(classic) == 3
+    for name in classic:
+        carried = grids[name]
+        assert carried.budget == 1 and carried.candidates("GRU4Rec", "eisam")[0]["eisam_rho"] == 0.05, name
+        # a classic grid trains on its LLMRec grid's split and windows, so their rows pair user by user
+        llm = grids[name.replace("classic-", "llmrec-frozen-")]
+        assert carried.dataset == llm.dataset, name
+        assert carried.config.get("train_windows_per_user") == llm.config.get("train_windows_per_user"), name
 
 
 def test_real_tiny_grid_end_to_end(tmp_path, tiny_config_dict, monkeypatch):
