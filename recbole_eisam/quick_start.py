@@ -289,6 +289,10 @@ def _process_main(rank, run_kwargs, queue):
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // run_kwargs["config_dict"]["nproc"]))
     try:
         result = run(**run_kwargs)
+        if dist.is_initialized():
+            # every process is past its last collective before any tears the group down: rank 0
+            # hosts the rendezvous store, and leaving early aborted the other process now and then
+            dist.barrier()
     except TrainingInterrupted as err:
         queue.put(("interrupted", str(err), err.exit_code, err.checkpoint))
         sys.exit(err.exit_code)
