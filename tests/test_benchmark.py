@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -219,6 +220,73 @@ def test_real_tiny_grid_end_to_end(tmp_path, tiny_config_dict, monkeypatch):
     assert frame["ndcg"].mean() == pytest.approx(results["test_ndcg@10"][0], abs=1e-4)
     assert benchmark.main(["--out=" + out, "--grid=" + _write_grid(tmp_path, grid), "--no_report"]) == 0
     assert len(pd.read_csv(os.path.join(out, "results.csv"))) == 2  # resumed: nothing new
+
+
+def test_an_interrupted_grid_run_resumes_where_it_stopped(tmp_path, tiny_config_dict, monkeypatch, capsys):
+    """SIGTERM in the middle of a real EISAM run stops the grid with a checkpoint (exit 143, one
+    line); the same command continues that run, and its row equals an uninterrupted grid's."""
+    from recbole_eisam.bench.runs import RESUME_SUFFIX, read_resume_pointer
+    from recbole_eisam.cli import main_guard
+    from recbole_eisam.trainer import EISAMTrainer
+
+    monkeypatch.chdir(tmp_path)  # RecBole writes ./log
+    config = dict(tiny_config_dict, epochs=3, stopping_step=10)
+    del config["seed"], config["checkpoint_dir"]  # the grid sets them (each folder its own saved/)
+    grid = Grid(dataset="tiny", models=["SASRec"], reference_models=[], methods=["eisam"], seeds=[1], config=config)
+    grid_file = _write_grid(tmp_path, grid)
+    columns = ["test_ndcg@10", "test_tailndcg@10", "test_hit@10", "valid_ndcg@10", "best_epoch", "epochs_trained",
+               "valid_curve"]
+
+    step, steps = EISAMTrainer._step, []
+
+    def counted_step(self, batches, scaler):
+        stats = step(self, batches, scaler)
+        steps.append(1)
+        if len(steps) == stop_at:  # in the second epoch
+            os.kill(os.getpid(), signal.SIGTERM)
+        return stats
+
+    monkeypatch.setattr(EISAMTrainer, "_step", counted_step)
+    stop_at, uninterrupted = None, str(tmp_path / "a")
+    assert benchmark.main(["--out=" + uninterrupted, "--grid=" + grid_file, "--no_report"]) == 0
+    expected = pd.read_csv(os.path.join(uninterrupted, "results.csv"))[columns]
+    total_steps = len(steps)
+
+    stop_at, out = 8, str(tmp_path / "b")
+    steps.clear()
+    capsys.readouterr()
+    command = ["--out=" + out, "--grid=" + grid_file, "--no_report"]
+    assert main_guard(benchmark.main, command) == 128 + signal.SIGTERM  # as `python -m ...benchmark`
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == ("error: SASRec eisam seed 1 was interrupted after a checkpoint: the same grid command "
+                       "resumes it there."), err
+    assert not os.path.exists(os.path.join(out, "results.csv"))
+    (pointer,) = [os.path.join(root, name) for root, _, names in os.walk(out) for name in names
+                  if name.endswith(RESUME_SUFFIX)]
+    state = read_resume_pointer(pointer)
+    assert state["interruptions"] == 1 and os.path.isfile(state["checkpoint"]) and state["seconds"] > 0
+
+    stop_at = None
+    steps.clear()
+    assert main_guard(benchmark.main, command) == 0
+    assert len(steps) == total_steps - 8  # it went on from the checkpoint, not from the start
+    resumed = pd.read_csv(os.path.join(out, "results.csv"))
+    pd.testing.assert_frame_equal(resumed[columns], expected)
+    with open(pointer[: -len(RESUME_SUFFIX)] + ".json") as f:
+        assert json.load(f)["attempt_seconds"] == state["seconds"]
+    assert resumed["wall_seconds"][0] >= state["seconds"]  # the first attempt's time counts
+    assert not os.path.exists(pointer) and not os.path.exists(state["checkpoint"])
+    assert "Resuming from " + state["checkpoint"] in open(pointer[: -len(RESUME_SUFFIX)] + ".log").read()
+
+
+def test_a_resume_pointer_without_its_checkpoint_starts_the_run_over(tmp_path):
+    from recbole_eisam.bench.runs import read_resume_pointer
+
+    pointer = tmp_path / "seed1-abc.resume.json"
+    pointer.write_text(json.dumps({"checkpoint": str(tmp_path / "gone-resume.safetensors"), "seconds": 5.0,
+                                   "interruptions": 1}))
+    assert read_resume_pointer(str(pointer)) is None and not pointer.exists()
+    assert read_resume_pointer(str(pointer)) is None  # no pointer: a fresh run
 
 
 def _write_grid(tmp_path, grid):

@@ -33,7 +33,9 @@ CPUs and the same run gives other numbers there (``--allow_mixed_machines`` over
 It also refuses a folder whose rows ran with other settings for the same model, method,
 seed and hyper-parameters (a changed grid ``config``, ``--key=value`` override or package
 default): resuming there would put two set-ups side by side in one report.
-Stopping the grid (Ctrl-C, a crash) loses at most the run in progress. A run that raises
+Stopping the grid with Ctrl-C or SIGTERM stops the run in progress after its current step
+with a checkpoint, and the same command continues that run from it, exactly as it would have gone on (``<run>.resume.json``,
+:mod:`recbole_eisam.bench.runs`); a crash or SIGKILL loses at most the run in progress. A run that raises
 is logged to ``<out>/failures.log`` and the grid goes on; it is retried on the next
 invocation.
 
@@ -74,6 +76,7 @@ from recbole_eisam.bench.runs import (
     try_claim,
 )
 from recbole_eisam.cli import build_parser, main_guard, parse_overrides
+from recbole_eisam.errors import TrainingInterrupted
 from recbole_eisam.methods import METHODS, REFERENCE_METHOD
 from recbole_eisam.methods import overrides as method_overrides
 from recbole_eisam.utils.machine import machine_description
@@ -168,6 +171,11 @@ class Benchmark:
         start = time.time()
         try:
             result = execute_run(spec, os.path.join(self.out, topk_rel), os.path.join(self.out, result_rel), self.isolate)
+        except TrainingInterrupted as err:
+            raise TrainingInterrupted(
+                f"{spec.label()} was interrupted after a checkpoint: the same grid command resumes it there.",
+                exit_code=err.exit_code, checkpoint=err.checkpoint,
+            ) from err
         except KeyboardInterrupt:
             raise
         except Exception as err:  # one failing configuration must not end a grid of hours
@@ -178,7 +186,7 @@ class Benchmark:
             with open(os.path.join(self.out, FAILURES_FILE), "a") as f:
                 f.write(f"{datetime.datetime.now().isoformat(timespec='seconds')} {message}\n")
             return None
-        wall = time.time() - start
+        wall = time.time() - start + float(result.get("attempt_seconds") or 0.0)  # earlier attempts too
         row = make_row(spec, result, wall, topk_rel, item_stats, self._valid_metric(spec), machine_description())
         append_row(store_path, row)
         test = result.get("test_result") or {}

@@ -1,9 +1,15 @@
 """One run of the benchmark: executing it (in this process or a fresh one), its log, its row.
 
 Rows are appended to ``results.csv`` (final runs) or ``tuning.csv`` (validation candidates),
-one per run, written atomically: a stopped grid loses at most the run in progress. Parallel
-grid processes may share one folder: appends hold a lock, and a run in progress holds a claim
-file (:func:`try_claim`), so a second process never starts the same run.
+one per run, written atomically. Parallel grid processes may share one folder: appends hold a
+lock, and a run in progress holds a claim file (:func:`try_claim`), so a second process never
+starts the same run.
+
+A run stopped by SIGINT / SIGTERM writes its trainer's checkpoint to resume from
+(:mod:`recbole_eisam.trainer.resume`) and ``<run>.resume.json`` naming it; the next
+execution of the same run (same folder, same signature) continues from there instead of
+starting over, and its row counts the seconds of every attempt. A run killed outright
+(SIGKILL, power loss) leaves no resume checkpoint and starts over.
 """
 
 import csv
@@ -13,6 +19,7 @@ import gc
 import json
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -22,12 +29,14 @@ import time
 from recbole.utils.logger import RemoveColorFilter
 
 from recbole_eisam.analysis.topk import item_stats_from_dataset
+from recbole_eisam.errors import TrainingInterrupted
 from recbole_eisam.quick_start import build_dataset, load_config, run
 from recbole_eisam.utils.windows import prepare_data
 
 RESULTS_FILE = "results.csv"
 TUNING_FILE = "tuning.csv"
 FAILURES_FILE = "failures.log"
+RESUME_SUFFIX = ".resume.json"
 #: a claim file still without its owner line after this long was left by a process that died writing it
 BROKEN_CLAIM_SECONDS = 60
 
@@ -208,9 +217,12 @@ class _RunLog:
 def execute_run(spec, topk_path, result_path, isolate=False):
     """Run one configuration through ``quick_start.run``; returns its result dict.
 
-    The run's log is written next to ``result_path`` (``.log``).
+    The run's log is written next to ``result_path`` (``.log``, appended to when the run
+    resumes). An interrupted earlier attempt of the run (``<run>.resume.json``) is continued;
+    ``result["attempt_seconds"]`` holds the seconds the earlier attempts trained.
     """
-    log_path = os.path.splitext(result_path)[0] + ".log"
+    stem = os.path.splitext(result_path)[0]
+    log_path, pointer = stem + ".log", stem + RESUME_SUFFIX
     kwargs = {
         "model": spec.model,
         "dataset": spec.dataset,
@@ -226,25 +238,86 @@ def execute_run(spec, topk_path, result_path, isolate=False):
             json.dump(kwargs, f)
         code = (
             "import json, sys\n"
-            "from recbole_eisam.quick_start import run\n"
-            "run(**json.load(open(sys.argv[1])))\n"
+            "from recbole_eisam.bench.runs import run_resumable\n"
+            "from recbole_eisam.errors import TrainingInterrupted\n"
+            "try:\n"
+            "    run_resumable(json.load(open(sys.argv[1])), sys.argv[2])\n"
+            "except TrainingInterrupted as err:\n"
+            "    sys.exit(err.exit_code)\n"
         )
         os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
         try:
-            with open(log_path, "w") as log:
-                proc = subprocess.run([sys.executable, "-c", code, args_file], stdout=log, stderr=subprocess.STDOUT)
+            with open(log_path, "a") as log:
+                proc = subprocess.Popen([sys.executable, "-c", code, args_file, pointer], stdout=log, stderr=subprocess.STDOUT)
+                try:
+                    proc.wait()
+                except KeyboardInterrupt:  # let the child write its checkpoint (it stops after its step)
+                    proc.send_signal(signal.SIGTERM)
+                    proc.wait()
         finally:
             os.unlink(args_file)
         if proc.returncode != 0:
+            if proc.returncode > 128 and os.path.isfile(pointer):  # stopped by a signal, checkpoint written
+                raise TrainingInterrupted(f"the isolated run was interrupted (resumes from {pointer}).",
+                                          exit_code=proc.returncode)
             raise RuntimeError(f"the isolated run exited with code {proc.returncode} (log: {log_path}).")
         with open(result_path) as f:
             return json.load(f)
 
     try:
         with _RunLog(log_path):
-            return run(**kwargs)
+            return run_resumable(kwargs, pointer)
     finally:
         gc.collect()
+
+
+def read_resume_pointer(pointer):
+    """The interrupted attempt ``pointer`` records (``checkpoint``, ``seconds``, ``interruptions``),
+    or None when there is none or its checkpoint is gone (the run then starts over)."""
+    if not os.path.isfile(pointer):
+        return None
+    with open(pointer) as f:
+        state = json.load(f)
+    if not os.path.isfile(state.get("checkpoint") or ""):
+        logging.getLogger().warning(f"{pointer} names a missing checkpoint: the run starts over.")
+        os.unlink(pointer)
+        return None
+    return state
+
+
+def run_resumable(kwargs, pointer):
+    """``quick_start.run(**kwargs)``, continuing the attempt recorded in ``pointer`` if any; an
+    interruption records the new checkpoint there (and is raised again), a finished run
+    removes the pointer and its resume checkpoint."""
+    previous = read_resume_pointer(pointer)
+    prior_seconds = float(previous["seconds"]) if previous else 0.0
+    if previous:
+        kwargs = dict(kwargs, resume=previous["checkpoint"])
+        logging.getLogger().info(f"Resuming from {previous['checkpoint']} ({prior_seconds:.0f} s trained before).")
+    start = time.time()
+    try:
+        result = run(**kwargs)
+    except TrainingInterrupted as err:
+        if err.checkpoint:
+            state = {
+                "checkpoint": os.path.abspath(err.checkpoint),
+                "seconds": round(prior_seconds + time.time() - start, 2),
+                "interruptions": (previous or {}).get("interruptions", 0) + 1,
+            }
+            tmp = pointer + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump(state, f, indent=2)
+            os.replace(tmp, pointer)
+        raise
+    result["attempt_seconds"] = round(prior_seconds, 2)
+    if previous:
+        if os.path.isfile(previous["checkpoint"]):
+            os.unlink(previous["checkpoint"])
+        os.unlink(pointer)
+        if kwargs.get("result_file"):  # the file the isolated parent reads carries the seconds too
+            with open(kwargs["result_file"], "w") as f:
+                json.dump(result, f, indent=2)
+    return result
 
 
 def compute_item_stats(model, dataset, config_files, overrides):
