@@ -197,6 +197,13 @@ def test_shipped_grid_files_are_valid():
         llm = grids[name.replace("classic-", "llmrec-frozen-")]
         assert carried.dataset == llm.dataset, name
         assert carried.config.get("train_windows_per_user") == llm.config.get("train_windows_per_user"), name
+    # the LoRA grids train the LLM (no fast path) on a dataset the fast path also covers
+    lora = [name for name in grid_files if name.startswith("llmrec-lora-")]
+    assert lora
+    for name in lora:
+        settings = grids[name].model_config["LLMRec"]
+        assert not settings.get("llm_frozen") and settings.get("item_id_tokens", True), name
+        assert grids[name].dataset == grids[name.replace("llmrec-lora-", "llmrec-frozen-")].dataset, name
 
 
 def test_real_tiny_grid_end_to_end(tmp_path, tiny_config_dict, monkeypatch):
