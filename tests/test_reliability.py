@@ -69,6 +69,23 @@ def test_nan_loss_stops_naming_epoch_and_step_and_keeps_last_good_checkpoint(tin
     assert result["hit@10"] > 0
 
 
+def test_runs_started_in_the_same_second_keep_their_own_checkpoints(tiny_config_dict, monkeypatch):
+    # RecBole names checkpoints after the clock to the second: freeze it, as two grid
+    # processes (or a job array) starting together see it
+    import recbole.trainer.trainer as recbole_trainer
+
+    monkeypatch.setattr(recbole_trainer, "get_local_time", lambda: "Dec-07-2026_14-59-11")
+    first, train_a, valid_a, _ = build(tiny_config_dict, train_method="erm", epochs=1)
+    second, train_b, valid_b, _ = build(tiny_config_dict, train_method="eisam", epochs=1)
+    assert first.saved_model_file != second.saved_model_file
+    assert os.path.dirname(first.saved_model_file) == os.path.dirname(second.saved_model_file)
+    first.fit(train_a, valid_a, saved=True)
+    kept = digest(first.saved_model_file)
+    second.fit(train_b, valid_b, saved=True)
+    assert digest(first.saved_model_file) == kept  # the second run did not overwrite the first's
+    assert digest(second.saved_model_file) != kept
+
+
 def test_non_finite_weights_are_never_saved(tiny_config_dict):
     trainer, train_data, valid_data, _ = build(tiny_config_dict, train_method="erm", epochs=1)
     trainer.fit(train_data, valid_data, saved=True)

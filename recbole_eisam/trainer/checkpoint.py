@@ -23,6 +23,7 @@ import json
 import math
 import os
 import random
+import secrets
 
 import numpy as np
 import torch
@@ -48,6 +49,16 @@ def paths(model_file):
     """``(tensor file, JSON sidecar, optimizer tensor file)`` of a checkpoint path."""
     stem = _stem(model_file)
     return stem + SUFFIX, stem + ".json", stem + ".optim" + SUFFIX
+
+
+def run_path(model_file):
+    """A checkpoint path of this run alone, from RecBole's ``<model>-<clock>.pth``.
+
+    RecBole names the file after the clock to the second, so two runs that build their
+    trainers in the same second in one ``checkpoint_dir`` (two grid processes, a job array)
+    would save to one file and each test the other's weights; a random tag keeps them apart.
+    """
+    return f"{_stem(model_file)}-{secrets.token_hex(4)}{SUFFIX}"
 
 
 def state_path(model_file):

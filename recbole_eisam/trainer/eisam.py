@@ -55,7 +55,7 @@ class EISAMTrainer(ResumeMixin, DistributedMixin, CheckpointMixin, Trainer):
             self.distributed_model = DistributedDataParallel(self.model)
         else:
             super().__init__(config, model)
-        self.saved_model_file = self.same_on_every_process(ckpt.paths(self.saved_model_file)[0])
+        self.saved_model_file = self.same_on_every_process(ckpt.run_path(self.saved_model_file))
         self._signal = None  # SIGINT / SIGTERM received during fit (set by the handler only)
         self._stop_vote = False  # the stop flag as all processes agreed on it in the last step
         self._resume = None  # training state of an interruption checkpoint, until it is used
