@@ -2,6 +2,7 @@
 
 import argparse
 import ast
+import os
 import sys
 
 import yaml
@@ -78,7 +79,8 @@ def main_guard(main, argv=None):
     """Run ``main(argv)``; report bad input as one line on stderr with exit code 2.
 
     An interruption (Ctrl-C, SIGTERM) is one line too: where the checkpoint to resume from
-    is, for an interrupted training, with exit code 128 + the signal's number.
+    is, for an interrupted training, with exit code 128 + the signal's number. A reader that
+    stops early (``| head``) ends the command quietly, with 141 as for SIGPIPE.
     """
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -93,3 +95,7 @@ def main_guard(main, argv=None):
     except KeyboardInterrupt as err:  # recbole_eisam.errors.TrainingInterrupted among them
         print(f"error: {str(err).strip() or 'interrupted.'}", file=sys.stderr)
         return getattr(err, "exit_code", 130)
+    except BrokenPipeError:
+        # stdout is gone: point it at /dev/null so the interpreter's final flush stays quiet
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141

@@ -324,3 +324,23 @@ def test_a_bad_llm_num_layers_is_one_sentence_naming_the_key(value):
     model = _two_layer_llama()
     with pytest.raises(ValueError, match="llm_num_layers must be"):
         keep_first_layers(model, value)
+
+
+def test_a_reader_that_stops_early_ends_the_command_quietly():
+    # `python -m recbole_eisam.analysis.compare_topk ... | head`: the pipe closes under a
+    # command still printing, which must not end in a traceback
+    code = (
+        "import sys; from recbole_eisam.cli import main_guard\n"
+        "def main(argv):\n"
+        "    for i in range(200000):\n"
+        "        print(f'line {i}')\n"
+        "    return 0\n"
+        "sys.exit(main_guard(main, []))\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=ROOT)
+    assert proc.stdout.readline() == "line 0\n"
+    proc.stdout.close()
+    stderr = proc.stderr.read()
+    assert proc.wait(timeout=60) == 141
+    assert stderr == ""
