@@ -5,7 +5,7 @@
   :func:`recbole_eisam.trainer.eisam.resolve_settings`), ``head_ratio``, the trainer the
   model gets, LLMRec's model files (``llm_path``, ``llm_gguf_file``, the ``gguf`` package)
   and the headers and numeric columns of the dataset's atomic files
-  (:func:`check_atomic_files`).
+  (:func:`check_atomic_files`), and that ``valid_metric`` is one of the metrics evaluated.
 * :func:`validate_dataset` runs once the dataset is built: ``topk`` against the number of
   items, a non-empty tail set under ``head_ratio``, LLMRec's ``item_text_fields``.
 * :func:`hold_console_log` keeps the console's log records back while the data is loaded
@@ -25,6 +25,7 @@ import warnings
 import numpy as np
 import pandas as pd
 import yaml
+from recbole.evaluator.register import metrics_dict
 from recbole.utils import get_model
 
 from recbole_eisam.cli import USER_ERRORS
@@ -66,6 +67,7 @@ def validate_config(config):
     windows_per_user(config)
     resolve_settings(config)  # train_method, eisam_weight, eisam_rho, eisam_lambda, ...
     _check_trainer(config)
+    _check_valid_metric(config)
     if _is_llmrec(config):
         _check_llm_files(config)
     check_atomic_files(config)
@@ -74,6 +76,38 @@ def validate_config(config):
 def _check_trainer(config):
     """``train_method`` other than erm needs the EISAM trainer (``quick_start.trainer_class``)."""
     trainer_class(config)
+
+
+def evaluated_metric_names(config):
+    """The names the evaluator reports for ``metrics`` and ``topk``, as ``valid_metric`` spells them.
+
+    A metric read from the top-K lists (``rec.topk``) or the recommended items
+    (``rec.items``) is reported at each cut-off (``ndcg@10``, ``tailcoverage@20``); any other
+    once (``tailmrr``, ``gauc``).
+    """
+    metrics = _value(config, "metrics") or []
+    topk = _value(config, "topk") or []
+    names = []
+    for metric in [metrics] if isinstance(metrics, str) else metrics:
+        cls = metrics_dict.get(str(metric).lower())
+        if cls is None:
+            continue
+        if {"rec.topk", "rec.items"} & set(cls.metric_need):
+            names += [f"{str(metric).lower()}@{k}" for k in ([topk] if isinstance(topk, int) else topk)]
+        else:
+            names.append(str(metric).lower())
+    return names
+
+
+def _check_valid_metric(config):
+    """``valid_metric`` is a name the evaluator will report, else early stopping fails after an epoch."""
+    metric = _value(config, "valid_metric")
+    names = evaluated_metric_names(config)
+    if metric is not None and names and str(metric).lower() not in names:
+        raise EISAMError(
+            f"valid_metric {metric!r} is not among the metrics evaluated ({', '.join(names)}); "
+            f"add it to metrics (with its cut-off in topk) or choose one of these."
+        )
 
 
 def _model_class(config):

@@ -202,6 +202,10 @@ def test_debug_shows_the_traceback(tiny_data, tmp_path):
         ("--nproc=two", ["nproc", "integer >= 1", "'two'"]),
         ("--model=LLMRec --llm_quantization=4bit", ["llm_quantization=4bit", "CUDA GPU", "llm_quantization: none"]),
         ("--model=LLMRec --llm_quantization=2bit", ["llm_quantization must be one of none, 8bit, 4bit", "'2bit'"]),
+        # a stopping metric the evaluator does not report would fail after the first epoch
+        ("--valid_metric=TailMRR", ["valid_metric 'TailMRR'", "ndcg@10", "tailndcg@20", "add it to metrics"]),
+        ("--valid_metric=NDCG@50", ["valid_metric 'NDCG@50'", "ndcg@20", "cut-off in topk"]),
+        ("--metrics=['NDCG'] --topk=[5]", ["valid_metric 'NDCG@10'", "(ndcg@5)"]),
     ],
 )
 def test_bad_values_are_refused_before_loading_data(override, needles, tmp_path, capsys):
@@ -210,6 +214,25 @@ def test_bad_values_are_refused_before_loading_data(override, needles, tmp_path,
     code = main_guard(_script_main(), argv)
     assert code == 2
     assert_one_line_error(code, capsys.readouterr().err, *needles)
+
+
+@pytest.mark.parametrize(
+    "metrics, topk, valid_metric",
+    [(["TailMRR", "NDCG"], [10], "TailMRR"), (["TailNDCG"], [10, 50], "tailndcg@50"),
+     (["TailCoverage"], 20, "TailCoverage@20"), (["GAUC", "Hit"], [1], "GAUC")],
+)
+def test_a_stopping_metric_that_is_evaluated_passes(metrics, topk, valid_metric, tiny_data, tmp_path):
+    # the names the check accepts are the names the evaluator reports: one epoch stops on them
+    from recbole_eisam.quick_start import run
+
+    data_path, name = tiny_data
+    config = {"data_path": data_path, "checkpoint_dir": str(tmp_path / "saved"), "epochs": 1, "show_progress": False,
+              "hidden_size": 8, "inner_size": 16, "n_layers": 1, "n_heads": 1, "use_gpu": False,
+              "metrics": metrics, "topk": topk, "valid_metric": valid_metric}
+    if "GAUC" in metrics:
+        config["eval_args"] = {"split": {"LS": "valid_and_test"}, "order": "TO", "group_by": "user", "mode": "uni100"}
+    result = run("SASRec", name, config_dict=config)
+    assert result["best_valid_score"] == result["best_valid_result"][valid_metric.lower()]
 
 
 def test_gguf_file_without_the_gguf_package(tmp_path, monkeypatch, capsys):
