@@ -89,13 +89,14 @@ def evaluated_metric_names(config):
     topk = _value(config, "topk") or []
     names = []
     for metric in [metrics] if isinstance(metrics, str) else metrics:
-        cls = metrics_dict.get(str(metric).lower())
+        name = str(metric).lower()
+        cls = metrics_dict.get(name)
         if cls is None:
             continue
         if {"rec.topk", "rec.items"} & set(cls.metric_need):
-            names += [f"{str(metric).lower()}@{k}" for k in ([topk] if isinstance(topk, int) else topk)]
+            names += [f"{name}@{k}" for k in ([topk] if isinstance(topk, int) else topk)]
         else:
-            names.append(str(metric).lower())
+            names.append(name)
     return names
 
 
