@@ -83,18 +83,14 @@ def evaluated_metric_names(config):
 
     A metric read from the top-K lists (``rec.topk``) or the recommended items
     (``rec.items``) is reported at each cut-off (``ndcg@10``, ``tailcoverage@20``); any other
-    once (``tailmrr``, ``gauc``).
+    once (``tailmrr``, ``gauc``). RecBole's ``Config`` has already made ``metrics`` and ``topk``
+    lists and refused a metric it does not know.
     """
-    metrics = _value(config, "metrics") or []
-    topk = _value(config, "topk") or []
     names = []
-    for metric in [metrics] if isinstance(metrics, str) else metrics:
-        name = str(metric).lower()
-        cls = metrics_dict.get(name)
-        if cls is None:
-            continue
-        if {"rec.topk", "rec.items"} & set(cls.metric_need):
-            names += [f"{name}@{k}" for k in ([topk] if isinstance(topk, int) else topk)]
+    for metric in config["metrics"]:
+        name = metric.lower()
+        if {"rec.topk", "rec.items"} & set(metrics_dict[name].metric_need):
+            names += [f"{name}@{k}" for k in config["topk"]]
         else:
             names.append(name)
     return names
@@ -102,9 +98,8 @@ def evaluated_metric_names(config):
 
 def _check_valid_metric(config):
     """``valid_metric`` is a name the evaluator will report, else early stopping fails after an epoch."""
-    metric = _value(config, "valid_metric")
-    names = evaluated_metric_names(config)
-    if metric is not None and names and str(metric).lower() not in names:
+    metric, names = config["valid_metric"], evaluated_metric_names(config)
+    if metric.lower() not in names:
         raise EISAMError(
             f"valid_metric {metric!r} is not among the metrics evaluated ({', '.join(names)}); "
             f"add it to metrics (with its cut-off in topk) or choose one of these."
